@@ -1,0 +1,246 @@
+"""Typed, validated run configuration and named presets.
+
+A misspelled field fails loudly (``extra="forbid"``); presets are plain functions
+of the architecture name, looked up by name in :data:`PRESETS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from charlm.models import get_architecture
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    architecture: str
+    embedding_dim: int = Field(42, ge=1)
+    hidden_size: int = Field(256, ge=1)
+    num_layers: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        arch = get_architecture(self.architecture)
+        if not arch.model_class.supports_layers and (self.num_layers != 1 or self.dropout):
+            raise ValueError(
+                f"{self.architecture} is a single hand-written layer: num_layers must be 1 and dropout 0 "
+                f"(got {self.num_layers}, {self.dropout})"
+            )
+        return self
+
+
+class DataConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    context: int = Field(8, ge=1, description="window length, sequence length or bptt, by layout")
+    random_bptt: bool = Field(False, description="fastai's randomised bptt length (stream layout only)")
+    lowercase: bool = False
+    min_freq: int = Field(1, ge=1)
+    valid_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+
+class OptimConfig(_Strict):
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(None, gt=0.0)
+
+
+class Phase(_Strict):
+    """One part of the learning-rate schedule.
+
+    ``constant``: ``lr`` for ``epochs`` epochs (a list of constant phases is the
+    notebook's step-down ``set_lrs``). ``sgdr``: cosine annealing from ``lr`` to
+    ``lr_min`` with warm restarts; cycle ``k`` lasts ``cycle_len * cycle_mult**k``
+    epochs, and ``epochs`` is their sum.
+    """
+
+    kind: Literal["constant", "sgdr"] = "constant"
+    lr: float = Field(gt=0.0)
+    epochs: int | None = Field(None, ge=1)
+    cycles: int = Field(1, ge=1)
+    cycle_len: int = Field(1, ge=1)
+    cycle_mult: int = Field(2, ge=1)
+    lr_min: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Phase:
+        if self.kind == "constant" and self.epochs is None:
+            raise ValueError("a constant phase needs epochs")
+        if self.kind == "sgdr":
+            derived = sum(self.cycle_len * self.cycle_mult**k for k in range(self.cycles))
+            if self.epochs is not None and self.epochs != derived:
+                raise ValueError(
+                    f"sgdr phase: {self.cycles} cycles of {self.cycle_len} epoch(s) × {self.cycle_mult}^k "
+                    f"last {derived} epochs, not {self.epochs}"
+                )
+            if self.lr_min >= self.lr:
+                raise ValueError(f"sgdr phase: lr_min {self.lr_min} must be below lr {self.lr}")
+        return self
+
+    @property
+    def cycle_lengths(self) -> list[int]:
+        if self.kind == "constant":
+            return []
+        return [self.cycle_len * self.cycle_mult**k for k in range(self.cycles)]
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs if self.kind == "constant" else sum(self.cycle_lengths)  # type: ignore[return-value]
+
+    @classmethod
+    def constant(cls, lr: float, epochs: int) -> Phase:
+        return cls(kind="constant", lr=lr, epochs=epochs)
+
+    @classmethod
+    def sgdr(cls, lr: float, cycles: int, cycle_len: int = 1, cycle_mult: int = 2, lr_min: float = 0.0) -> Phase:
+        return cls(kind="sgdr", lr=lr, cycles=cycles, cycle_len=cycle_len, cycle_mult=cycle_mult, lr_min=lr_min)
+
+
+class RunConfig(_Strict):
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: tuple[Phase, ...] = Field(min_length=1)
+    seed: int = 0
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
+    log_every: int = Field(10, ge=1, description="steps between training-loss reports to hooks")
+    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps mid-epoch")
+    progress: bool = Field(True, description="show a progress bar when stderr is a terminal")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        arch = get_architecture(self.model.architecture)
+        if self.model.architecture == "char3" and self.data.context != 3:
+            raise ValueError(f"char3 reads exactly 3 characters: data.context must be 3, got {self.data.context}")
+        if self.data.random_bptt and arch.layout != "stream":
+            raise ValueError(f"random_bptt applies to stateful models only, not {self.model.architecture}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        return self
+
+    @property
+    def architecture(self) -> str:
+        return self.model.architecture
+
+    @property
+    def epochs(self) -> int:
+        return sum(p.total_epochs for p in self.schedule)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys → values, for experiment-tracking parameters."""
+        out: dict[str, Any] = {}
+        for section in ("model", "data", "optim"):
+            for key, value in getattr(self, section).model_dump().items():
+                out[f"{section}.{key}"] = value
+        for i, phase in enumerate(self.schedule):
+            out[f"schedule.{i}"] = ",".join(f"{k}={v}" for k, v in phase.model_dump(exclude_none=True).items())
+        out.update(seed=self.seed, epochs=self.epochs)
+        return out
+
+    def override(self, assignments: dict[str, Any] | list[str]) -> RunConfig:
+        """A copy with dotted-key overrides (``{"model.hidden_size": 128}`` or ``["model.hidden_size=128"]``)."""
+        if isinstance(assignments, list):
+            pairs: dict[str, Any] = {}
+            for item in assignments:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise ValueError(f"override {item!r}: expected key=value")
+                pairs[key.strip()] = _parse_scalar(value.strip())
+            assignments = pairs
+        data = self.model_dump()
+        for key, value in assignments.items():
+            *path, leaf = key.split(".")
+            node = data
+            for part in path:
+                if not isinstance(node, dict) or part not in node:
+                    raise ValueError(f"override {key!r}: no such config section {part!r}")
+                node = node[part]
+            if not isinstance(node, dict) or leaf not in node:
+                raise ValueError(f"override {key!r}: no such config field {leaf!r}")
+            node[leaf] = value
+        return RunConfig.model_validate(data)
+
+
+def _parse_scalar(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+# --------------------------------------------------------------------------- presets
+
+_STATEFUL_DATA = DataConfig(batch_size=64, context=8, random_bptt=True, lowercase=True, min_freq=3)
+_WINDOW_DATA = DataConfig(batch_size=512, context=8)
+
+# The notebook's settings per architecture (fast.ai 2018 lesson 6, lesson6-rnn.ipynb):
+# sizes, batch layout, Adam learning rates and the epochs of each step-down stage.
+_NOTEBOOK: dict[str, tuple[ModelConfig, DataConfig, OptimConfig, tuple[Phase, ...]]] = {
+    "char3": (ModelConfig(architecture="char3"), DataConfig(batch_size=512, context=3), OptimConfig(),
+              (Phase.constant(1e-2, 1), Phase.constant(1e-3, 1))),
+    "char_loop": (ModelConfig(architecture="char_loop"), _WINDOW_DATA, OptimConfig(),
+                  (Phase.constant(1e-2, 1), Phase.constant(1e-3, 1))),
+    "char_loop_concat": (ModelConfig(architecture="char_loop_concat"), _WINDOW_DATA, OptimConfig(),
+                         (Phase.constant(1e-3, 1), Phase.constant(1e-4, 1))),
+    "char_rnn": (ModelConfig(architecture="char_rnn"), _WINDOW_DATA, OptimConfig(),
+                 (Phase.constant(1e-3, 4), Phase.constant(1e-4, 2))),
+    "seq_rnn": (ModelConfig(architecture="seq_rnn"), _WINDOW_DATA, OptimConfig(),
+                (Phase.constant(1e-3, 4), Phase.constant(1e-4, 1))),
+    "seq_rnn_identity": (ModelConfig(architecture="seq_rnn_identity"), _WINDOW_DATA, OptimConfig(),
+                         (Phase.constant(1e-2, 4), Phase.constant(1e-3, 4))),
+    "stateful_rnn": (ModelConfig(architecture="stateful_rnn"), _STATEFUL_DATA, OptimConfig(),
+                     (Phase.constant(1e-3, 4), Phase.constant(1e-4, 2))),
+    "stateful_rnn_cell": (ModelConfig(architecture="stateful_rnn_cell"), _STATEFUL_DATA, OptimConfig(),
+                          (Phase.constant(1e-3, 4), Phase.constant(1e-4, 2))),
+    "stateful_gru": (ModelConfig(architecture="stateful_gru"), _STATEFUL_DATA, OptimConfig(),
+                     (Phase.constant(1e-3, 6), Phase.constant(1e-4, 3))),
+    # LayerOptimizer(Adam, 1e-2, wd=1e-5): 2 epochs, then CosAnneal(cycle_mult=2) for 2**4-1 epochs.
+    "stateful_lstm": (ModelConfig(architecture="stateful_lstm", hidden_size=512, num_layers=2, dropout=0.5),
+                      _STATEFUL_DATA, OptimConfig(weight_decay=1e-5),
+                      (Phase.constant(1e-2, 2), Phase.sgdr(1e-2, cycles=4, cycle_len=1, cycle_mult=2))),
+}
+
+
+def notebook(architecture: str) -> RunConfig:
+    """The notebook's sizes, layout and schedule for ``architecture``."""
+    get_architecture(architecture)
+    model, data, optim, schedule = _NOTEBOOK[architecture]
+    return RunConfig(model=model, data=data, optim=optim, schedule=schedule, progress=True)
+
+
+def tiny(architecture: str) -> RunConfig:
+    """Small enough to train in seconds on a CPU: one constant epoch, then two one-epoch SGDR cycles."""
+    base = notebook(architecture)
+    return RunConfig(
+        model=base.model.model_copy(update={"embedding_dim": 8, "hidden_size": 32, "dropout": 0.0,
+                                            "num_layers": 1}),
+        data=base.data.model_copy(update={"batch_size": 16 if base.data.batch_size < 512 else 64, "min_freq": 1,
+                                          "context": 3 if architecture == "char3" else 8}),
+        optim=base.optim,
+        schedule=(Phase.constant(1e-2, 1), Phase.sgdr(1e-2, cycles=2, cycle_len=1, cycle_mult=1)),
+        log_every=5,
+        progress=False,
+    )
+
+
+PRESETS: dict[str, Callable[[str], RunConfig]] = {"notebook": notebook, "tiny": tiny}
+
+
+def preset(name: str, architecture: str) -> RunConfig:
+    try:
+        factory = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+    return factory(architecture)

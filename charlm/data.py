@@ -1,0 +1,413 @@
+"""Corpus loading, the character vocabulary, the split and the three batch layouts.
+
+The notebook's three ways of turning a token stream into batches:
+
+* ``window``   — every window of ``n`` characters predicts the one after it
+  (overlapping windows; Char3Model, CharLoopModel, CharRnn).
+* ``sequence`` — non-overlapping sequences of ``n`` characters with one target
+  per position, the input shifted by one (CharSeqRnn, the "multi-output" model).
+* ``stream``   — the stateful layout (fastai's LanguageModelLoader): the stream is
+  cut into ``batch_size`` contiguous columns, read ``bptt`` steps at a time, so
+  row ``b`` of batch ``i + 1`` continues row ``b`` of batch ``i``::
+
+      stream  a b c d e f g h i j k l m n o p q r s t u v w x  (24 tokens)
+      batch_size=3 -> columns (one row each, batch-first)
+          row 0: a b c d e f g h
+          row 1: i j k l m n o p
+          row 2: q r s t u v w x
+      bptt=3 -> batch 0 inputs rows[:, 0:3]  targets rows[:, 1:4]
+                batch 1 inputs rows[:, 3:6]  targets rows[:, 4:7]
+                batch 2 inputs rows[:, 6:7]  targets rows[:, 7:8]
+
+Every layout yields ``(inputs, targets)`` batch-first: inputs ``(B, T)`` and
+targets ``(B, T_out)`` where ``T_out`` is 1 for the window layout and ``T``
+otherwise. An epoch's batches are a pure function of ``(seed, epoch)`` so a run
+resumed mid-epoch replays the same batches, and every rank of a distributed run
+agrees on them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+PAD_INDEX = 0
+UNK_INDEX = 1
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+
+
+class CorpusError(ValueError):
+    """The corpus (or a text given in its place) cannot be used; the message names it."""
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def decode_corpus(raw: bytes, source: str) -> str:
+    """Decode UTF-8 bytes, naming ``source`` in the error for empty or non-UTF-8 input."""
+    if not raw:
+        raise CorpusError(f"{source}: the corpus is empty (0 bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"{source}: not UTF-8 text — invalid byte 0x{raw[err.start]:02x} at offset {err.start}"
+        ) from None
+    if text.startswith("\ufeff"):  # a byte-order mark is not part of the text
+        text = text[1:]
+    if not text:
+        raise CorpusError(f"{source}: the corpus is empty (only a byte-order mark)")
+    return text
+
+
+def read_corpus(path: str | os.PathLike[str]) -> str:
+    """Read a UTF-8 corpus file; a missing, empty or non-UTF-8 file raises :class:`CorpusError`."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: no such corpus file") from None
+    except IsADirectoryError:
+        raise CorpusError(f"{path}: is a directory, expected a UTF-8 text file") from None
+    return decode_corpus(raw, str(path))
+
+
+def split_text(text: str, valid_fraction: float = 0.2) -> tuple[str, str]:
+    """Contiguous split: the validation text is the last ``valid_fraction`` of the corpus."""
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    cut = len(text) - int(round(len(text) * valid_fraction))
+    if cut <= 0 or cut >= len(text):
+        raise CorpusError(
+            f"a corpus of {len(text)} characters is too short to split with valid_fraction={valid_fraction}"
+        )
+    return text[:cut], text[cut:]
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def _code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Sorted characters; index 0 is padding, index 1 the unknown character.
+
+    ``lowercase`` is applied to every text before encoding; characters seen fewer
+    than ``min_freq`` times when the vocabulary was built (and characters never
+    seen) encode to :data:`UNK_INDEX`.
+    """
+
+    chars: tuple[str, ...]
+    lowercase: bool = False
+    min_freq: int = 1
+
+    def __post_init__(self) -> None:
+        if list(self.chars) != sorted(set(self.chars)):
+            raise ValueError("vocabulary characters must be unique and sorted")
+        if any(len(c) != 1 for c in self.chars):
+            raise ValueError("vocabulary entries must be single characters")
+        object.__setattr__(self, "_stoi", {c: i + 2 for i, c in enumerate(self.chars)})
+
+    # -- construction --------------------------------------------------------
+    @classmethod
+    def build(cls, text: str, *, lowercase: bool = False, min_freq: int = 1) -> Vocabulary:
+        if min_freq < 1:
+            raise ValueError(f"min_freq must be >= 1, got {min_freq}")
+        if not text:
+            raise CorpusError("cannot build a vocabulary from an empty text")
+        if lowercase:
+            text = text.lower()
+        codes, counts = np.unique(_code_points(text), return_counts=True)
+        chars = tuple(chr(int(c)) for c, n in zip(codes, counts) if n >= min_freq)
+        return cls(chars=chars, lowercase=lowercase, min_freq=min_freq)
+
+    # -- sizes and lookups ---------------------------------------------------
+    @property
+    def itos(self) -> list[str]:
+        return [PAD_TOKEN, UNK_TOKEN, *self.chars]
+
+    def __len__(self) -> int:
+        return len(self.chars) + 2
+
+    def index(self, char: str) -> int:
+        return self._stoi.get(char.lower() if self.lowercase else char, UNK_INDEX)  # type: ignore[attr-defined]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The smallest integer dtype that holds every index (encoded text stays compact)."""
+        n = len(self)
+        return torch.uint8 if n <= 256 else torch.int16 if n <= 32768 else torch.int32
+
+    def unknown_chars(self, text: str) -> list[str]:
+        if self.lowercase:
+            text = text.lower()
+        return sorted(set(text) - set(self.chars))
+
+    def encode(self, text: str, *, on_unknown: str = "unk", source: str = "text") -> torch.Tensor:
+        """Encode ``text`` as a 1-D compact tensor.
+
+        ``on_unknown="unk"`` maps unseen characters to :data:`UNK_INDEX`;
+        ``"error"`` raises :class:`CorpusError` naming ``source`` and the characters.
+        """
+        if on_unknown not in ("unk", "error"):
+            raise ValueError(f"on_unknown must be 'unk' or 'error', got {on_unknown!r}")
+        if self.lowercase:
+            text = text.lower()
+        if not text:
+            return torch.empty(0, dtype=self.dtype)
+        codes, inverse = np.unique(_code_points(text), return_inverse=True)
+        table = np.array([self._stoi.get(chr(int(c)), UNK_INDEX) for c in codes], dtype=np.int64)  # type: ignore[attr-defined]
+        if on_unknown == "error" and (table == UNK_INDEX).any():
+            missing = [chr(int(c)) for c, i in zip(codes, table) if i == UNK_INDEX]
+            raise CorpusError(
+                f"{source}: characters not in the vocabulary: {''.join(missing)!r} "
+                "(pass on_unknown='unk' to map them to the unknown index)"
+            )
+        return torch.from_numpy(table[inverse].astype(np.dtype(str(self.dtype).removeprefix("torch."))))
+
+    def decode(self, indices: torch.Tensor | list[int]) -> str:
+        itos = self.itos
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        return "".join(itos[i] if i > UNK_INDEX else ("" if i == PAD_INDEX else "\ufffd") for i in indices)
+
+    # -- persistence ---------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"chars": "".join(self.chars), "lowercase": self.lowercase, "min_freq": self.min_freq}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Vocabulary:
+        try:
+            return cls(chars=tuple(data["chars"]), lowercase=bool(data["lowercase"]), min_freq=int(data["min_freq"]))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"not a charlm vocabulary: {err}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Vocabulary:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: cannot read vocabulary JSON: {err}") from None
+        return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class PreparedCorpus:
+    """The split and the encoded tensors, ready for any layout."""
+
+    vocab: Vocabulary
+    train: torch.Tensor
+    valid: torch.Tensor
+
+    def stats(self) -> dict[str, int | float]:
+        return {
+            "vocab_size": len(self.vocab),
+            "train_chars": int(self.train.numel()),
+            "valid_chars": int(self.valid.numel()),
+            "train_unknown": int((self.train == UNK_INDEX).sum()),
+            "valid_unknown": int((self.valid == UNK_INDEX).sum()),
+        }
+
+
+def prepare_corpus(
+    text: str, *, valid_fraction: float = 0.2, lowercase: bool = False, min_freq: int = 1
+) -> PreparedCorpus:
+    """Split contiguously, build the vocabulary on the training part, encode both parts."""
+    train_text, valid_text = split_text(text, valid_fraction)
+    vocab = Vocabulary.build(train_text, lowercase=lowercase, min_freq=min_freq)
+    return PreparedCorpus(vocab=vocab, train=vocab.encode(train_text), valid=vocab.encode(valid_text))
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(seed * 1_000_003 + epoch)
+    return gen
+
+
+class Layout:
+    """A way to cut a token stream into batches; see the module docstring.
+
+    ``rank``/``world_size`` shard the data for distributed training: each rank gets
+    its own disjoint part and every rank takes the same number of steps.
+    """
+
+    def __init__(self, tokens: torch.Tensor, *, batch_size: int, context: int, name: str = "data",
+                 rank: int = 0, world_size: int = 1, even: bool = True) -> None:
+        if tokens.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D token tensor, got shape {tuple(tokens.shape)}")
+        if batch_size < 1 or context < 1:
+            raise ValueError(f"{name}: batch_size and context must be >= 1 (got {batch_size}, {context})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.context = context
+        self.name = name
+        self.rank = rank
+        self.world_size = world_size
+        self.even = even  # every rank the same number of batches (training); False for evaluation
+
+    def plan(self, epoch: int, seed: int, shuffle: bool) -> list:  # pragma: no cover - abstract
+        """The epoch's batches as cheap descriptors (pure function of ``seed`` and ``epoch``)."""
+        raise NotImplementedError
+
+    def batch(self, item) -> Batch:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def progress(self, plan: list, index: int) -> float:
+        """Fraction of the epoch done after batch ``index`` of ``plan`` (drives the LR schedule)."""
+        return (index + 1) / len(plan)
+
+    def iterate(self, epoch: int = 0, seed: int = 0, shuffle: bool = True, start: int = 0) -> Iterator[Batch]:
+        plan = self.plan(epoch, seed, shuffle)
+        for item in plan[start:]:
+            yield self.batch(item)
+
+    def predicted_chars(self, item) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _IndexedLayout(Layout):
+    """Shared by the window and sequence layouts: a set of examples, shuffled per epoch."""
+
+    def __init__(self, tokens: torch.Tensor, **kwargs) -> None:
+        super().__init__(tokens, **kwargs)
+        total = self.num_examples()
+        per_rank = total // self.world_size
+        if per_rank < 1:
+            raise CorpusError(
+                f"{self.name}: {tokens.numel()} characters give {total} examples of {self.context} characters, "
+                f"too few for {self.world_size} rank(s)"
+            )
+        self.examples_per_rank = per_rank
+        # Sharding keeps every rank's count equal; the remainder (< world_size) left out
+        # changes with every epoch's permutation, so no example is left out for good.
+        self.dropped_per_epoch = total - per_rank * self.world_size
+
+    def num_examples(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def plan(self, epoch: int, seed: int, shuffle: bool) -> list[torch.Tensor]:
+        total = self.num_examples()
+        order = torch.randperm(total, generator=_epoch_generator(seed, epoch)) if shuffle else torch.arange(total)
+        mine = order[self.rank :: self.world_size]
+        if self.even:
+            mine = mine[: self.examples_per_rank]
+        return list(mine.split(self.batch_size))
+
+
+class WindowLayout(_IndexedLayout):
+    """Overlapping windows of ``context`` characters; the target is the next character."""
+
+    def num_examples(self) -> int:
+        return max(self.tokens.numel() - self.context, 0)
+
+    def batch(self, item: torch.Tensor) -> Batch:
+        windows = self.tokens.unfold(0, self.context, 1)  # (N - context + 1, context), a view
+        inputs = windows[item].long()  # (B, context)
+        targets = self.tokens[item + self.context].long().unsqueeze(1)  # (B, 1)
+        return inputs, targets
+
+    def predicted_chars(self, item: torch.Tensor) -> int:
+        return int(item.numel())
+
+
+class SequenceLayout(_IndexedLayout):
+    """Non-overlapping sequences of ``context`` characters, one target per position."""
+
+    def num_examples(self) -> int:
+        return max((self.tokens.numel() - 1) // self.context, 0)
+
+    def batch(self, item: torch.Tensor) -> Batch:
+        n = self.num_examples() * self.context
+        inputs = self.tokens[:n].view(-1, self.context)[item].long()  # (B, T)
+        targets = self.tokens[1 : n + 1].view(-1, self.context)[item].long()  # (B, T)
+        return inputs, targets
+
+    def predicted_chars(self, item: torch.Tensor) -> int:
+        return int(item.numel()) * self.context
+
+
+class StreamLayout(Layout):
+    """The stateful layout: ``batch_size`` contiguous columns read ``bptt`` steps at a time.
+
+    With ``random_bptt`` each batch's length follows fastai: the base length is
+    ``bptt`` (95%) or ``bptt / 2`` (5%), then ``max(5, round(normal(base, 5)))``.
+    In a distributed run ``batch_size`` is the global batch: rank ``r`` owns rows
+    ``r * B/W … (r+1) * B/W - 1``, and all ranks draw the same lengths.
+    """
+
+    def __init__(self, tokens: torch.Tensor, *, random_bptt: bool = False, **kwargs) -> None:
+        super().__init__(tokens, **kwargs)
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"{self.name}: batch_size {self.batch_size} is not divisible by world_size {self.world_size}"
+            )
+        self.random_bptt = random_bptt
+        self.column_length = tokens.numel() // self.batch_size
+        if self.column_length < 2:
+            raise CorpusError(
+                f"{self.name}: {tokens.numel()} characters are too few for {self.batch_size} columns "
+                f"(need at least {2 * self.batch_size})"
+            )
+        self.dropped_tail = tokens.numel() - self.column_length * self.batch_size
+        rows = self.batch_size // self.world_size
+        columns = tokens[: self.column_length * self.batch_size].view(self.batch_size, self.column_length)
+        self.rows = columns[self.rank * rows : (self.rank + 1) * rows]  # (B / W, L)
+
+    def plan(self, epoch: int, seed: int, shuffle: bool) -> list[tuple[int, int]]:
+        gen = _epoch_generator(seed, epoch)
+        spans, start, last = [], 0, self.column_length - 1
+        while start < last:
+            length = self.context
+            if self.random_bptt and shuffle:
+                base = self.context if torch.rand((), generator=gen) < 0.95 else self.context / 2
+                length = max(5, int(round(float(torch.normal(float(base), 5.0, (), generator=gen)))))
+            length = min(length, last - start)
+            spans.append((start, length))
+            start += length
+        return spans
+
+    def batch(self, item: tuple[int, int]) -> Batch:
+        start, length = item
+        return (self.rows[:, start : start + length].long(), self.rows[:, start + 1 : start + 1 + length].long())
+
+    def progress(self, plan: list, index: int) -> float:
+        start, length = plan[index]
+        return (start + length) / (self.column_length - 1)
+
+    def predicted_chars(self, item: tuple[int, int]) -> int:
+        return item[1] * self.rows.shape[0]
+
+
+LAYOUTS: dict[str, type[Layout]] = {"window": WindowLayout, "sequence": SequenceLayout, "stream": StreamLayout}
+
+
+def make_layout(kind: str, tokens: torch.Tensor, *, batch_size: int, context: int, random_bptt: bool = False,
+                name: str = "data", rank: int = 0, world_size: int = 1, even: bool = True) -> Layout:
+    try:
+        cls = LAYOUTS[kind]
+    except KeyError:
+        raise ValueError(f"unknown layout {kind!r}; known: {', '.join(LAYOUTS)}") from None
+    extra = {"random_bptt": random_bptt} if cls is StreamLayout else {}
+    return cls(tokens, batch_size=batch_size, context=context, name=name, rank=rank, world_size=world_size,
+               even=even, **extra)

@@ -1,0 +1,284 @@
+"""The notebook's character models behind one registry and one forward contract.
+
+Contract (every model): ``forward(tokens, state) -> (logits, state)`` with
+``tokens`` ``(B, T)`` long, ``logits`` ``(B, T_out, V)`` unnormalised, where
+``T_out`` is 1 for models that predict only the next character and ``T`` for
+models that predict at every position. ``state`` is ``None`` for stateless models.
+
+Between batches the trainer calls ``carry_state(state, batch_size)``: stateless
+models return ``None``; stateful ones return the detached state (truncated BPTT)
+or a fresh zero state when there is none yet or the batch size changed.
+Nothing outside this module looks at an architecture's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+State = torch.Tensor | tuple[torch.Tensor, ...] | None
+
+
+class CharModel(nn.Module):
+    """Base class: the layout the model trains on and the state protocol."""
+
+    layout: ClassVar[str]  # "window", "sequence" or "stream" (see charlm.data)
+    stateful: ClassVar[bool] = False
+    supports_layers: ClassVar[bool] = False  # honours num_layers and dropout
+
+    def init_state(self, batch_size: int, device: torch.device) -> State:
+        return None
+
+    def carry_state(self, state: State, batch_size: int, device: torch.device) -> State:
+        return None
+
+
+def _detach(state: State) -> State:
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()
+
+
+def _state_batch(state: State) -> int:
+    first = state[0] if isinstance(state, tuple) else state
+    return first.shape[1] if first.dim() == 3 else first.shape[0]
+
+
+class StatefulMixin:
+    stateful: ClassVar[bool] = True
+
+    def carry_state(self, state: State, batch_size: int, device: torch.device) -> State:
+        if state is None or _state_batch(state) != batch_size:
+            return self.init_state(batch_size, device)  # type: ignore[attr-defined]
+        return _detach(state)
+
+
+# --------------------------------------------------------------------------- windowed models
+
+
+class CharLoopModel(CharModel):
+    """CharLoopModel: n characters, each input added to the hidden state.
+
+    ``h_t = tanh(W_h (h_{t-1} + relu(W_in e(c_t))))`` with one input layer and one
+    hidden layer shared by every position; the last ``h`` predicts the next character.
+    """
+
+    layout = "window"
+
+    def __init__(self, vocab_size: int, embedding_dim: int, hidden_size: int, **_: object) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.input_layer = nn.Linear(embedding_dim, hidden_size)
+        self.hidden_layer = nn.Linear(hidden_size, hidden_size)
+        self.output_layer = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, tokens: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        inputs = F.relu(self.input_layer(self.embedding(tokens)))  # (B, T, H)
+        hidden = tokens.new_zeros((tokens.shape[0], self.hidden_size), dtype=inputs.dtype)
+        for t in range(tokens.shape[1]):
+            hidden = torch.tanh(self.hidden_layer(hidden + inputs[:, t]))
+        return self.output_layer(hidden).unsqueeze(1), None  # (B, 1, V)
+
+
+class Char3Model(CharLoopModel):
+    """Char3Model: the same cell unrolled over exactly three characters (as the notebook
+    writes it out by hand, ``in1``, ``in2``, ``in3``)."""
+
+    def forward(self, tokens: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        if tokens.shape[1] != 3:
+            raise ValueError(f"char3 reads exactly 3 characters, got {tokens.shape[1]}")
+        return super().forward(tokens, state)
+
+
+class CharLoopConcatModel(CharModel):
+    """CharLoopConcatModel: input concatenated with the hidden state.
+
+    ``h_t = tanh(W_h relu(W_in [h_{t-1}; e(c_t)]))``.
+    """
+
+    layout = "window"
+
+    def __init__(self, vocab_size: int, embedding_dim: int, hidden_size: int, **_: object) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.input_layer = nn.Linear(embedding_dim + hidden_size, hidden_size)
+        self.hidden_layer = nn.Linear(hidden_size, hidden_size)
+        self.output_layer = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, tokens: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        embedded = self.embedding(tokens)  # (B, T, E)
+        hidden = embedded.new_zeros((tokens.shape[0], self.hidden_size))
+        for t in range(tokens.shape[1]):
+            joined = torch.cat((hidden, embedded[:, t]), dim=1)  # (B, H + E)
+            hidden = torch.tanh(self.hidden_layer(F.relu(self.input_layer(joined))))
+        return self.output_layer(hidden).unsqueeze(1), None
+
+
+# --------------------------------------------------------------------------- torch RNN models
+
+
+class _RecurrentModel(CharModel):
+    """Embedding → ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (batch-first) → dropout → linear."""
+
+    cell: ClassVar[type[nn.RNNBase]] = nn.RNN
+    supports_layers = True
+
+    def __init__(self, vocab_size: int, embedding_dim: int, hidden_size: int, num_layers: int = 1,
+                 dropout: float = 0.0, **_: object) -> None:
+        super().__init__()
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.rnn = self.cell(embedding_dim, hidden_size, num_layers, batch_first=True,
+                             dropout=dropout if num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.output_layer = nn.Linear(hidden_size, vocab_size)
+
+    def init_state(self, batch_size: int, device: torch.device) -> State:
+        zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device)
+        return (zeros, zeros.clone()) if self.cell is nn.LSTM else zeros
+
+    def run(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        if state is None:
+            state = self.init_state(tokens.shape[0], tokens.device)
+        outputs, state = self.rnn(self.embedding(tokens), state)  # (B, T, H)
+        return self.output_layer(self.dropout(outputs)), state  # (B, T, V)
+
+
+class CharRnn(_RecurrentModel):
+    """CharRnn: ``nn.RNN`` over a window; the last step predicts the next character."""
+
+    layout = "window"
+
+    def forward(self, tokens: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        logits, _ = self.run(tokens, None)
+        return logits[:, -1:], None  # (B, 1, V)
+
+
+class CharSeqRnn(_RecurrentModel):
+    """CharSeqRnn: one prediction per position; the hidden state starts at zero every batch."""
+
+    layout = "sequence"
+
+    def forward(self, tokens: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        logits, _ = self.run(tokens, None)
+        return logits, None
+
+
+class CharSeqRnnIdentity(CharSeqRnn):
+    """CharSeqRnn with the hidden-to-hidden weights initialised to the identity
+    (Le, Jaitly & Hinton 2015, "A Simple Way to Initialize Recurrent Networks of ReLUs")."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                getattr(self.rnn, f"weight_hh_l{layer}").copy_(torch.eye(self.hidden_size))
+
+
+class CharSeqStatefulRnn(StatefulMixin, _RecurrentModel):
+    """CharSeqStatefulRnn: the hidden state carries across batches (truncated BPTT)."""
+
+    layout = "stream"
+
+    def forward(self, tokens: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        return self.run(tokens, state)
+
+
+class CharSeqStatefulGru(CharSeqStatefulRnn):
+    """CharSeqStatefulGRU."""
+
+    cell = nn.GRU
+
+
+class CharSeqStatefulLstm(CharSeqStatefulRnn):
+    """CharSeqStatefulLSTM (the notebook: 2 layers × 512, dropout 0.5 between layers and
+    before the output layer)."""
+
+    cell = nn.LSTM
+
+
+class CharSeqStatefulRnnCell(StatefulMixin, CharModel):
+    """CharSeqStatefulRnn2: the recurrence written out with ``nn.RNNCell``."""
+
+    layout = "stream"
+
+    def __init__(self, vocab_size: int, embedding_dim: int, hidden_size: int, **_: object) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.cell = nn.RNNCell(embedding_dim, hidden_size)
+        self.output_layer = nn.Linear(hidden_size, vocab_size)
+
+    def init_state(self, batch_size: int, device: torch.device) -> State:
+        return torch.zeros(batch_size, self.hidden_size, device=device)
+
+    def forward(self, tokens: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        hidden = self.init_state(tokens.shape[0], tokens.device) if state is None else state
+        embedded = self.embedding(tokens)  # (B, T, E)
+        outputs = []
+        for t in range(tokens.shape[1]):
+            hidden = self.cell(embedded[:, t], hidden)
+            outputs.append(hidden)
+        return self.output_layer(torch.stack(outputs, dim=1)), hidden  # (B, T, V)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_class: type[CharModel]
+    notebook_name: str
+    description: str
+
+    @property
+    def layout(self) -> str:
+        return self.model_class.layout
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    a.name: a
+    for a in [
+        Architecture("char3", Char3Model, "Char3Model", "3 characters -> next, shared input and hidden layers"),
+        Architecture("char_loop", CharLoopModel, "CharLoopModel", "n characters, input added to hidden"),
+        Architecture("char_loop_concat", CharLoopConcatModel, "CharLoopConcatModel",
+                     "n characters, input concatenated with hidden"),
+        Architecture("char_rnn", CharRnn, "CharRnn", "nn.RNN, prediction from the last step"),
+        Architecture("seq_rnn", CharSeqRnn, "CharSeqRnn", "one prediction per position, state reset per batch"),
+        Architecture("seq_rnn_identity", CharSeqRnnIdentity, "CharSeqRnn (identity init)",
+                     "seq_rnn with hidden-to-hidden weights initialised to the identity"),
+        Architecture("stateful_rnn", CharSeqStatefulRnn, "CharSeqStatefulRnn",
+                     "hidden state carried across batches, truncated BPTT"),
+        Architecture("stateful_rnn_cell", CharSeqStatefulRnnCell, "CharSeqStatefulRnn2", "explicit RNNCell loop"),
+        Architecture("stateful_gru", CharSeqStatefulGru, "CharSeqStatefulGRU", "stateful GRU"),
+        Architecture("stateful_lstm", CharSeqStatefulLstm, "CharSeqStatefulLSTM",
+                     "stateful LSTM, layers and dropout configurable"),
+    ]
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}") from None
+
+
+def build_model(name: str, vocab_size: int, *, embedding_dim: int, hidden_size: int, num_layers: int = 1,
+                dropout: float = 0.0) -> CharModel:
+    arch = get_architecture(name)
+    return arch.model_class(vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size,
+                            num_layers=num_layers, dropout=dropout)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,399 @@
+"""One training loop for every architecture.
+
+The loop knows the forward contract (``charlm.models``) and the layout protocol
+(``charlm.data``), nothing about architecture names, and nothing about tracking
+libraries: MLflow, progress reporting and snapshots plug in through
+:class:`Callback` hooks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from charlm.checkpoint import load_checkpoint, save_checkpoint
+from charlm.config import RunConfig
+from charlm.data import PAD_INDEX, Layout, PreparedCorpus, Vocabulary, make_layout
+from charlm.models import CharModel, State, build_model, count_parameters, get_architecture
+from charlm.schedule import Schedule
+
+
+def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank or 0)
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this host")
+    return device
+
+
+def bits_per_char(nats: float) -> float:
+    return nats / math.log(2)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a distributed run (single process by default)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class Callback:
+    """Hooks the trainer calls; override what you need. Only the main rank calls them
+    in a distributed run, unless ``all_ranks`` is true."""
+
+    all_ranks = False
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, trainer: Trainer, step: int, loss: float, lr: float) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None: ...
+    def on_cycle_end(self, trainer: Trainer, cycle: int, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, trainer: Trainer, kind: str, path: Path, metrics: dict[str, float]) -> None: ...
+    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None: ...
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_val_loss: float
+    best_epoch: int
+    steps: int
+    wall_time: float
+    parameters: int
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    stopped_early: bool = False
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+class _ProgressBar(Callback):
+    """tqdm over the steps of each epoch, shown only on a terminal."""
+
+    def __init__(self) -> None:
+        from tqdm.auto import tqdm
+
+        self._tqdm, self._bar = tqdm, None
+
+    def start_epoch(self, epoch: int, total: int, done: int) -> None:
+        self.close()
+        self._bar = self._tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}", unit="batch", leave=False)
+
+    def on_step_end(self, trainer: Trainer, step: int, loss: float, lr: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class Trainer:
+    """Train one model of any architecture on a prepared corpus.
+
+    ``checkpoint_dir`` receives ``last.pt`` (every epoch, and every
+    ``config.checkpoint_every`` steps), ``best.pt`` (lowest validation loss) and
+    ``cycle-K.pt`` at the end of each SGDR cycle (the notebook's ``on_cycle_end``).
+    """
+
+    def __init__(self, config: RunConfig, corpus: PreparedCorpus, *, callbacks: Sequence[Callback] = (),
+                 checkpoint_dir: str | os.PathLike[str] | None = None, device: torch.device | str | None = None,
+                 dist: DistInfo | None = None) -> None:
+        self.config = config
+        self.vocab = corpus.vocab
+        self.dist = dist or DistInfo()
+        self.device = torch.device(device) if device is not None else resolve_device(config.device,
+                                                                                      self.dist.local_rank)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.arch = get_architecture(config.architecture)
+        self.schedule = Schedule(config.schedule)
+        data = config.data
+        shard = {"rank": self.dist.rank, "world_size": self.dist.world_size}
+        self.train_layout: Layout = make_layout(self.arch.layout, corpus.train, batch_size=data.batch_size,
+                                                context=data.context, random_bptt=data.random_bptt,
+                                                name="training split", **shard)
+        self.valid_layout: Layout = make_layout(self.arch.layout, corpus.valid, batch_size=data.batch_size,
+                                                context=data.context, name="validation split", even=False,
+                                                **shard)
+
+        torch.manual_seed(config.seed)  # same initial weights on every rank
+        self.module: CharModel = build_model(config.architecture, len(self.vocab),
+                                             **config.model.model_dump(exclude={"architecture"})).to(self.device)
+        self.model: nn.Module = self.module
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=ids)
+        torch.manual_seed(config.seed + self.dist.rank)  # per-rank dropout streams
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.schedule.lr(0.0),
+                                          betas=config.optim.betas, weight_decay=config.optim.weight_decay)
+        self.callbacks = [c for c in callbacks if self.dist.is_main or c.all_ranks]
+        self._progress = _ProgressBar() if config.progress and self.dist.is_main and sys.stderr.isatty() else None
+
+        # Position: the next batch to run is batch `batch` of epoch `epoch`.
+        self.step, self.epoch, self.batch = 0, 0, 0
+        self.state: State = None
+        self.history: list[dict[str, float]] = []
+        self.best_val_loss, self.best_epoch = math.inf, -1
+        self._loss_sum = torch.zeros((), device=self.device)  # running sums of the current epoch
+        self._chars, self._train_seconds = 0, 0.0
+        self.checkpoints: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ metrics
+
+    @property
+    def parameters(self) -> int:
+        return count_parameters(self.module)
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=PAD_INDEX, reduction=reduction)
+
+    @torch.no_grad()
+    def evaluate(self, layout: Layout | None = None) -> dict[str, float]:
+        """Loss (nats/char), bits/char and accuracy over the whole validation split,
+        summed across ranks in a distributed run."""
+        layout = layout or self.valid_layout
+        self.module.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
+        state: State = None
+        for inputs, targets in layout.iterate(shuffle=False):
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            state = self.module.carry_state(state, inputs.shape[0], self.device)
+            logits, state = self.module(inputs, state)
+            sums[0] += self._loss(logits, targets, "sum").double()
+            sums[1] += (logits.argmax(-1) == targets).sum()
+            sums[2] += targets.numel()
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(sums)
+        self.module.train()
+        loss, correct, count = sums.tolist()
+        loss = loss / max(count, 1)
+        return {"val_loss": loss, "val_bpc": bits_per_char(loss), "val_accuracy": correct / max(count, 1)}
+
+    # ------------------------------------------------------------------ training
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def fit(self, max_steps: int | None = None) -> FitResult:
+        """Train to the end of the schedule (or stop after ``max_steps`` total steps)."""
+        started = time.perf_counter()
+        self._call("on_fit_start")
+        if self._progress:
+            self.callbacks.append(self._progress)
+        stopped = False
+        try:
+            while self.epoch < self.schedule.total_epochs:
+                if max_steps is not None and self.step >= max_steps:
+                    stopped = True
+                    break
+                stopped = not self._run_epoch(max_steps)
+                if stopped:
+                    break
+        finally:
+            if self._progress:
+                self._progress.close()
+                self.callbacks.remove(self._progress)
+        result = FitResult(history=list(self.history), best_val_loss=self.best_val_loss, best_epoch=self.best_epoch,
+                           steps=self.step, wall_time=time.perf_counter() - started, parameters=self.parameters,
+                           checkpoints=dict(self.checkpoints), stopped_early=stopped)
+        self._call("on_fit_end", result)
+        return result
+
+    def _run_epoch(self, max_steps: int | None) -> bool:
+        """Run the rest of the current epoch; False if ``max_steps`` stopped it early."""
+        epoch, seed = self.epoch, self.config.seed
+        plan = self.train_layout.plan(epoch, seed, shuffle=True)
+        if self.batch == 0:
+            self.state = None  # a fresh hidden state each epoch (fastai's model.reset())
+        if self._progress:
+            self._progress.start_epoch(epoch, len(plan), self.batch)
+        model, module, optimizer, device = self.model, self.module, self.optimizer, self.device
+        clip, log_every = self.config.optim.grad_clip, self.config.log_every
+        layout, lr_at = self.train_layout, self.schedule.lr
+        tick = time.perf_counter()
+        for index in range(self.batch, len(plan)):
+            item = plan[index]
+            inputs, targets = layout.batch(item)
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            lr = lr_at(epoch + (layout.progress(plan, index - 1) if index else 0.0))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            self.state = module.carry_state(self.state, inputs.shape[0], device)
+            logits, self.state = model(inputs, self.state)
+            loss = self._loss(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(module.parameters(), clip)
+            optimizer.step()
+
+            self.step += 1
+            self.batch = index + 1
+            count = targets.numel()
+            self._loss_sum += loss.detach() * count
+            self._chars += count
+            if self._progress:
+                self._progress.advance()
+            if self.step % log_every == 0 and self.callbacks:
+                self._call("on_step_end", self.step, loss.item(), lr)
+            every = self.config.checkpoint_every
+            if every and self.step % every == 0 and self.batch < len(plan):
+                self._train_seconds += time.perf_counter() - tick
+                tick = time.perf_counter()
+                self._write("last", {})
+            if max_steps is not None and self.step >= max_steps and self.batch < len(plan):
+                self._train_seconds += time.perf_counter() - tick
+                return False
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self._train_seconds += time.perf_counter() - tick
+        self._end_epoch()
+        return True
+
+    def _end_epoch(self) -> None:
+        epoch = self.epoch
+        sums = torch.stack([self._loss_sum.double(), torch.tensor(float(self._chars), dtype=torch.float64,
+                                                                  device=self.device)])
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(sums)
+        loss_sum, chars = sums.tolist()
+        train_loss = loss_sum / max(chars, 1)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_bpc": bits_per_char(train_loss),
+            **self.evaluate(),
+            "chars_per_sec": chars / max(self._train_seconds, 1e-9),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "step": self.step,
+        }
+        self.history.append(metrics)
+        self.epoch, self.batch = epoch + 1, 0
+        self.state = None
+        self._loss_sum.zero_()
+        self._chars, self._train_seconds = 0, 0.0
+        improved = metrics["val_loss"] < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.best_epoch = metrics["val_loss"], epoch + 1
+        self._call("on_epoch_end", epoch, metrics)
+        self._write("last", metrics)
+        if improved:
+            self._write("best", metrics)
+        cycle = self.schedule.cycle_ending_at(epoch)
+        if cycle is not None:
+            self._write(f"cycle-{cycle}", metrics)
+            self._call("on_cycle_end", cycle, metrics)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "vocab": self.vocab.to_dict(),
+            "model": self.module.state_dict(),  # the plain module, never the DDP wrapper
+            "optimizer": self.optimizer.state_dict(),
+            "progress": {"step": self.step, "epoch": self.epoch, "batch": self.batch},
+            "state": _to_cpu(self.state),
+            "epoch_sums": {"loss_sum": float(self._loss_sum), "chars": self._chars,
+                           "train_seconds": self._train_seconds},
+            "rng": rng,
+            "history": self.history,
+            "best": {"val_loss": self.best_val_loss, "epoch": self.best_epoch},
+            "world_size": self.dist.world_size,
+        }
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
+        return save_checkpoint(self.state_dict(), path)
+
+    def _write(self, kind: str, metrics: dict[str, float]) -> None:
+        if self.checkpoint_dir is None or not self.dist.is_main:
+            return
+        path = self.save_checkpoint(self.checkpoint_dir / f"{kind}.pt")
+        self.checkpoints[kind] = str(path)
+        self._call("on_checkpoint", kind, path, metrics)
+
+    def load_state_dict(self, payload: dict[str, Any]) -> None:
+        if payload["vocab"] != self.vocab.to_dict():
+            raise ValueError("checkpoint vocabulary differs from the corpus vocabulary: cannot resume on this data")
+        self.module.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        progress = payload["progress"]
+        self.step, self.epoch, self.batch = progress["step"], progress["epoch"], progress["batch"]
+        same_layout = payload.get("world_size", 1) == self.dist.world_size
+        self.state = _to_device(payload["state"], self.device) if same_layout and self.batch else None
+        sums = payload["epoch_sums"]
+        self._loss_sum = torch.tensor(sums["loss_sum"], device=self.device)
+        self._chars, self._train_seconds = sums["chars"], sums["train_seconds"]
+        self.history = list(payload["history"])
+        self.best_val_loss, self.best_epoch = payload["best"]["val_loss"], payload["best"]["epoch"]
+        torch.set_rng_state(payload["rng"]["torch"])
+        if "cuda" in payload["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike[str], corpus: PreparedCorpus, **kwargs: Any) -> Trainer:
+        """Rebuild a trainer from a checkpoint and continue exactly where it stopped."""
+        payload = load_checkpoint(path)
+        trainer = cls(RunConfig.model_validate(payload["config"]), corpus, **kwargs)
+        trainer.load_state_dict(payload)
+        return trainer
+
+
+def _to_cpu(state: State) -> State:
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.detach().cpu() for s in state)
+    return state.detach().cpu()
+
+
+def _to_device(state: State, device: torch.device) -> State:
+    if state is None:
+        return None
+    if isinstance(state, (tuple, list)):
+        return tuple(s.to(device) for s in state)
+    return state.to(device)
+
+
+def prepare_for(config: RunConfig, text: str) -> PreparedCorpus:
+    """Prepare a corpus with the preparation settings of ``config``."""
+    from charlm.data import prepare_corpus
+
+    data = config.data
+    return prepare_corpus(text, valid_fraction=data.valid_fraction, lowercase=data.lowercase,
+                          min_freq=data.min_freq)
+
+
+__all__ = ["Callback", "DistInfo", "FitResult", "Trainer", "Vocabulary", "bits_per_char", "prepare_for",
+           "resolve_device"]
