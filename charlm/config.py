@@ -6,7 +6,8 @@ of the architecture name, looked up by name in :data:`PRESETS`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -171,7 +171,7 @@ class Vocabulary:
             missing = [chr(int(c)) for c, i in zip(codes, table) if i == UNK_INDEX]
             raise CorpusError(
                 f"{source}: characters not in the vocabulary: {''.join(missing)!r} "
-                "(pass on_unknown='unk' to map them to the unknown index)"
+                "(map them to the unknown index with on_unknown='unk', or --allow-unknown on the command line)"
             )
         return torch.from_numpy(table[inverse].astype(np.dtype(str(self.dtype).removeprefix("torch."))))
 

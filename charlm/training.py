@@ -12,9 +12,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,34 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
 
 def bits_per_char(nats: float) -> float:
     return nats / math.log(2)
+
+
+def char_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in nats per predicted character; logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD_INDEX,
+                           reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(module: CharModel, layout: Layout, device: torch.device, all_reduce: bool = False) -> dict[str, float]:
+    """Loss (nats/char), bits/char and accuracy of ``module`` over every batch of ``layout``."""
+    was_training = module.training
+    module.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+    state: State = None
+    for inputs, targets in layout.iterate(shuffle=False):
+        inputs, targets = inputs.to(device), targets.to(device)
+        state = module.carry_state(state, inputs.shape[0], device)
+        logits, state = module(inputs, state)
+        sums[0] += char_loss(logits, targets, "sum").double()
+        sums[1] += (logits.argmax(-1) == targets).sum()
+        sums[2] += targets.numel()
+    if all_reduce:
+        torch.distributed.all_reduce(sums)
+    module.train(was_training)
+    loss, correct, count = sums.tolist()
+    loss = loss / max(count, 1)
+    return {"val_loss": loss, "val_bpc": bits_per_char(loss), "val_accuracy": correct / max(count, 1)}
 
 
 @dataclass(frozen=True)
@@ -169,31 +198,9 @@ class Trainer:
     def parameters(self) -> int:
         return count_parameters(self.module)
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=PAD_INDEX, reduction=reduction)
-
-    @torch.no_grad()
     def evaluate(self, layout: Layout | None = None) -> dict[str, float]:
-        """Loss (nats/char), bits/char and accuracy over the whole validation split,
-        summed across ranks in a distributed run."""
-        layout = layout or self.valid_layout
-        self.module.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
-        state: State = None
-        for inputs, targets in layout.iterate(shuffle=False):
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            state = self.module.carry_state(state, inputs.shape[0], self.device)
-            logits, state = self.module(inputs, state)
-            sums[0] += self._loss(logits, targets, "sum").double()
-            sums[1] += (logits.argmax(-1) == targets).sum()
-            sums[2] += targets.numel()
-        if self.dist.world_size > 1:
-            torch.distributed.all_reduce(sums)
-        self.module.train()
-        loss, correct, count = sums.tolist()
-        loss = loss / max(count, 1)
-        return {"val_loss": loss, "val_bpc": bits_per_char(loss), "val_accuracy": correct / max(count, 1)}
+        """Validation metrics over the whole validation split, summed across ranks."""
+        return evaluate(self.module, layout or self.valid_layout, self.device, self.dist.world_size > 1)
 
     # ------------------------------------------------------------------ training
 
@@ -248,7 +255,7 @@ class Trainer:
                 group["lr"] = lr
             self.state = module.carry_state(self.state, inputs.shape[0], device)
             logits, self.state = model(inputs, self.state)
-            loss = self._loss(logits, targets)
+            loss = char_loss(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip is not None:

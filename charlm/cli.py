@@ -1,0 +1,252 @@
+"""The ``charlm`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from charlm import __version__
+
+CORPUS_ENV = "CHARLM_CORPUS"
+
+
+class CliError(Exception):
+    pass
+
+
+def _corpus_path(value: str | None) -> str:
+    path = value or os.environ.get(CORPUS_ENV)
+    if not path:
+        raise CliError(f"no corpus: pass --corpus PATH or set {CORPUS_ENV}")
+    return path
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_architectures(args: argparse.Namespace) -> None:
+    from charlm.models import ARCHITECTURES
+
+    width = max(map(len, ARCHITECTURES))
+    for arch in ARCHITECTURES.values():
+        print(f"{arch.name:<{width}}  {arch.layout:<8}  {arch.notebook_name}: {arch.description}")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from charlm.config import preset
+
+    config = preset(args.preset, args.arch)
+    overrides = list(args.set or [])
+    if getattr(args, "device", None):
+        overrides.append(f"device={args.device}")
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"seed={args.seed}")
+    return config.override(overrides) if overrides else config
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    _print_json(_config_from_args(args).model_dump(mode="json"))
+
+
+class _EpochPrinter:
+    """Prints one line per epoch (the notebook's fit() table)."""
+
+    def __init__(self) -> None:
+        from charlm.training import Callback
+
+        class Printer(Callback):
+            def on_fit_start(self, trainer) -> None:
+                print(f"{trainer.config.architecture}: {trainer.parameters:,} parameters, {trainer.device}, "
+                      f"{trainer.schedule.total_epochs} epochs", flush=True)
+                print(f"{'epoch':>5} {'train_loss':>10} {'val_loss':>9} {'val_bpc':>8} {'val_acc':>8} "
+                      f"{'chars/s':>10}", flush=True)
+
+            def on_epoch_end(self, trainer, epoch: int, m: dict) -> None:
+                print(f"{epoch + 1:>5} {m['train_loss']:>10.4f} {m['val_loss']:>9.4f} {m['val_bpc']:>8.4f} "
+                      f"{m['val_accuracy']:>8.4f} {m['chars_per_sec']:>10,.0f}", flush=True)
+
+            def on_cycle_end(self, trainer, cycle: int, m: dict) -> None:
+                print(f"      SGDR cycle {cycle} ended: snapshot saved", flush=True)
+
+        self.callback = Printer()
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from charlm.data import read_corpus
+    from charlm.training import Trainer, prepare_for
+
+    text = read_corpus(_corpus_path(args.corpus))
+    out = Path(args.out)
+    callbacks = [] if args.quiet else [_EpochPrinter().callback]
+    if args.resume:
+        from charlm.checkpoint import load_checkpoint
+        from charlm.config import RunConfig
+
+        config = RunConfig.model_validate(load_checkpoint(args.resume)["config"])
+        trainer = Trainer.resume(args.resume, prepare_for(config, text), callbacks=callbacks, checkpoint_dir=out)
+    else:
+        config = _config_from_args(args)
+        trainer = Trainer(config, prepare_for(config, text), callbacks=callbacks, checkpoint_dir=out)
+    result = trainer.fit(max_steps=args.max_steps)
+    if args.max_steps is not None and result.stopped_early:
+        path = trainer.save_checkpoint(out / "last.pt")
+        print(f"stopped after {result.steps} steps; resume with: charlm train --resume {path} "
+              f"--corpus {args.corpus or '$' + CORPUS_ENV}")
+    summary = {
+        "architecture": config.architecture,
+        "best_val_loss": result.best_val_loss,
+        "best_epoch": result.best_epoch,
+        "steps": result.steps,
+        "wall_time_s": round(result.wall_time, 2),
+        "parameters": result.parameters,
+        "checkpoints": result.checkpoints,
+    }
+    if args.json:
+        _print_json({**summary, "history": result.history})
+    else:
+        print(f"best val loss {result.best_val_loss:.4f} nats/char at epoch {result.best_epoch}; "
+              f"{result.wall_time:.1f}s; checkpoints in {out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from charlm.data import make_layout, read_corpus, split_text
+    from charlm.generate import LoadedModel
+    from charlm.training import evaluate
+
+    loaded = LoadedModel.from_checkpoint(args.checkpoint, device=args.device or "auto")
+    config = loaded.config
+    text = read_corpus(_corpus_path(args.corpus))
+    _, valid_text = split_text(text, config.data.valid_fraction)
+    tokens = loaded.vocab.encode(valid_text)
+    layout = make_layout(loaded.model.layout, tokens, batch_size=config.data.batch_size,
+                         context=config.data.context, name="validation split", even=False)
+    _print_json({"checkpoint": args.checkpoint, "architecture": config.architecture,
+                 **evaluate(loaded.model, layout, loaded.device)})
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from charlm.generate import LoadedModel
+
+    if args.checkpoint:
+        loaded = LoadedModel.from_checkpoint(args.checkpoint, device=args.device or "auto")
+    else:
+        raise CliError("give --checkpoint PATH")
+    on_unknown = "unk" if args.allow_unknown else "error"
+    if args.next_char:
+        print(loaded.next_char(args.prime, on_unknown=on_unknown))
+        return
+    text = loaded.generate(args.prime, args.length, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                           on_unknown=on_unknown)
+    print(args.prime + text)
+
+
+def cmd_vocab(args: argparse.Namespace) -> None:
+    from charlm.data import prepare_corpus, read_corpus
+
+    prepared = prepare_corpus(read_corpus(_corpus_path(args.corpus)), valid_fraction=args.valid_fraction,
+                              lowercase=args.lowercase, min_freq=args.min_freq)
+    prepared.vocab.save(args.out)
+    _print_json({"vocabulary": args.out, **prepared.stats()})
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from charlm.config import PRESETS
+    from charlm.models import ARCHITECTURES
+
+    parser = argparse.ArgumentParser(
+        prog="charlm",
+        description="Character-level language models (fast.ai lesson 6) — train, evaluate, sample.",
+        epilog=f"The corpus defaults to ${CORPUS_ENV}. 'charlm COMMAND --help' for details.",
+    )
+    parser.add_argument("--version", action="version", version=f"charlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--arch", default="stateful_gru", choices=list(ARCHITECTURES), metavar="ARCH",
+                       help="architecture (see 'charlm architectures'; default: %(default)s)")
+        p.add_argument("--preset", default="notebook", choices=list(PRESETS),
+                       help="settings preset: the notebook's, or tiny for a seconds-long CPU run (default: %(default)s)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set model.hidden_size=128 --set data.batch_size=32")
+
+    p = sub.add_parser("architectures", help="list the architectures")
+    p.set_defaults(func=cmd_architectures)
+
+    p = sub.add_parser("config", help="print the resolved configuration as JSON")
+    add_model_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("train", help="train one architecture, writing checkpoints")
+    add_model_args(p)
+    p.add_argument("--corpus", help="UTF-8 text file")
+    p.add_argument("--out", default="runs/latest", help="checkpoint directory (default: %(default)s)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (and save last.pt)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from a checkpoint")
+    p.add_argument("--json", action="store_true", help="print the result and per-epoch history as JSON")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="validation loss, bits/char and accuracy of a checkpoint on a corpus")
+    p.add_argument("checkpoint")
+    p.add_argument("--corpus", help="UTF-8 text file (its validation split is used)")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="sample text from a trained model")
+    p.add_argument("--checkpoint", help="a checkpoint file written by 'charlm train'")
+    p.add_argument("--prime", required=True, help="priming text")
+    p.add_argument("-n", "--length", type=int, default=400, help="characters to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely characters")
+    p.add_argument("--seed", type=int, help="make the sample reproducible")
+    p.add_argument("--next-char", action="store_true", help="print only the most likely next character")
+    p.add_argument("--allow-unknown", action="store_true",
+                   help="map priming characters outside the vocabulary to the unknown index instead of failing")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("vocab", help="build the vocabulary of a corpus's training split as JSON")
+    p.add_argument("--corpus")
+    p.add_argument("--out", default="vocab.json")
+    p.add_argument("--lowercase", action="store_true")
+    p.add_argument("--min-freq", type=int, default=1)
+    p.add_argument("--valid-fraction", type=float, default=0.2)
+    p.set_defaults(func=cmd_vocab)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from charlm.checkpoint import CheckpointError
+    from charlm.data import CorpusError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CliError, CorpusError, CheckpointError) as err:
+        print(f"charlm: error: {err}", file=sys.stderr)
+        return 2
+    except ValidationError as err:
+        print(f"charlm: invalid configuration:\n{err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"charlm: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

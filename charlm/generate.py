@@ -1,0 +1,114 @@
+"""Text generation from a trained model: the notebook's ``get_next`` and ``get_next_n``.
+
+Stateless models read the last ``context`` characters at every step; stateful
+models read the priming text once and then carry their hidden state, one
+character at a time. Padding and the unknown index are never sampled.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from charlm.checkpoint import load_checkpoint
+from charlm.config import RunConfig
+from charlm.data import PAD_INDEX, UNK_INDEX, CorpusError, Vocabulary
+from charlm.models import CharModel, build_model
+from charlm.training import resolve_device
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with what it needs to read and write text."""
+
+    model: CharModel
+    vocab: Vocabulary
+    config: RunConfig
+    device: torch.device
+
+    @classmethod
+    def from_payload(cls, payload: dict, device: str | torch.device = "cpu") -> LoadedModel:
+        config = RunConfig.model_validate(payload["config"])
+        vocab = Vocabulary.from_dict(payload["vocab"])
+        device = torch.device(device)
+        model = build_model(config.architecture, len(vocab), **config.model.model_dump(exclude={"architecture"}))
+        model.load_state_dict(payload["model"])
+        model.to(device).eval()
+        return cls(model=model, vocab=vocab, config=config, device=device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device = "auto") -> LoadedModel:
+        device = resolve_device(device) if device == "auto" else torch.device(device)
+        return cls.from_payload(load_checkpoint(path, map_location=device), device)
+
+    # ------------------------------------------------------------------ encoding
+
+    def _encode_prime(self, prime: str, on_unknown: str) -> list[int]:
+        if not prime:
+            raise CorpusError("priming text: empty; give at least one character")
+        tokens = self.vocab.encode(prime, on_unknown=on_unknown, source="priming text").tolist()
+        need = self.config.data.context if not self.model.stateful else 1
+        if len(tokens) < need and self.model.layout == "window":
+            raise CorpusError(
+                f"priming text: {self.config.architecture} reads {need} characters, got {len(tokens)} ({prime!r})"
+            )
+        return tokens
+
+    @torch.no_grad()
+    def _next_logits(self, history: list[int], fresh: list[int], state):
+        """Logits for the character after ``history``; ``fresh`` are the tokens not yet fed."""
+        if self.model.stateful:
+            inputs = torch.tensor([fresh], device=self.device)
+        else:
+            inputs = torch.tensor([history[-self.config.data.context :]], device=self.device)
+        logits, state = self.model(inputs, state)
+        logits = logits[0, -1].float()
+        logits[PAD_INDEX] = logits[UNK_INDEX] = float("-inf")
+        return logits, state
+
+    # ------------------------------------------------------------------ public API
+
+    def next_char(self, prime: str, *, on_unknown: str = "error") -> str:
+        """The most likely next character (the notebook's ``get_next``)."""
+        tokens = self._encode_prime(prime, on_unknown)
+        logits, _ = self._next_logits(tokens, tokens, None)
+        return self.vocab.itos[int(logits.argmax())]
+
+    def generate(self, prime: str, length: int = 400, *, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None, on_unknown: str = "error") -> str:
+        """``length`` characters after ``prime``, sampled (the notebook's ``get_next_n``).
+
+        ``temperature`` 0 is greedy; ``top_k`` keeps the k most likely characters;
+        ``seed`` makes the sample reproducible. ``on_unknown='error'`` rejects a priming
+        text with characters outside the vocabulary; ``'unk'`` feeds them as unknown.
+        """
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        generator = torch.Generator(device="cpu")
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
+        history = self._encode_prime(prime, on_unknown)
+        fresh, state, out = list(history), None, []
+        for _ in range(length):
+            logits, state = self._next_logits(history, fresh, state)
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.numel():
+                    kth = torch.topk(logits, top_k).values[-1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = torch.softmax(logits, dim=-1).cpu()
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            history.append(token)
+            fresh = [token]
+            out.append(token)
+        return self.vocab.decode(out)

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from charlm.cli import main
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "charlm.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("train", "evaluate", "generate", "architectures", "config", "vocab"):
+        assert command in out.stdout
+
+
+def test_train_evaluate_generate_round_trip(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--arch", "stateful_gru", "--preset", "tiny", "--corpus", str(corpus_file),
+                 "--out", str(out), "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["architecture"] == "stateful_gru" and len(summary["history"]) == 3
+    assert (out / "best.pt").exists() and (out / "cycle-1.pt").exists()
+
+    assert main(["evaluate", str(out / "best.pt"), "--corpus", str(corpus_file)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert abs(evaluated["val_loss"] - summary["best_val_loss"]) < 1e-9
+
+    assert main(["generate", "--checkpoint", str(out / "best.pt"), "--prime", "the ", "-n", "50", "--seed", "7"]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(out / "best.pt"), "--prime", "the ", "-n", "50", "--seed", "7"]) == 0
+    assert capsys.readouterr().out == first and first.startswith("the ")
+
+
+def test_stop_and_resume_from_the_cli(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--arch", "seq_rnn", "--preset", "tiny", "--corpus", str(corpus_file), "--out", str(out),
+                 "--max-steps", "7", "--quiet"]) == 0
+    assert "resume with" in capsys.readouterr().out
+    assert main(["train", "--resume", str(out / "last.pt"), "--corpus", str(corpus_file), "--out", str(out),
+                 "--json", "--quiet"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["history"]) == 3
+
+
+def test_bad_input_gives_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00oops")
+    assert main(["train", "--preset", "tiny", "--corpus", str(bad)]) == 2
+    assert "bad.txt: not UTF-8" in capsys.readouterr().err
+    assert main(["config", "--arch", "char3", "--set", "model.hidden_size=-1"]) == 2
+    assert "hidden_size" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path / "missing.pt"), "--prime", "x"]) == 2
+    assert "missing.pt: no such checkpoint" in capsys.readouterr().err
