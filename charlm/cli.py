@@ -63,14 +63,22 @@ class _EpochPrinter:
 
         class Printer(Callback):
             def on_fit_start(self, trainer) -> None:
-                print(f"{trainer.config.architecture}: {trainer.parameters:,} parameters, {trainer.device}, "
-                      f"{trainer.schedule.total_epochs} epochs", flush=True)
-                print(f"{'epoch':>5} {'train_loss':>10} {'val_loss':>9} {'val_bpc':>8} {'val_acc':>8} "
-                      f"{'chars/s':>10}", flush=True)
+                print(
+                    f"{trainer.config.architecture}: {trainer.parameters:,} parameters, {trainer.device}, "
+                    f"{trainer.schedule.total_epochs} epochs",
+                    flush=True,
+                )
+                print(
+                    f"{'epoch':>5} {'train_loss':>10} {'val_loss':>9} {'val_bpc':>8} {'val_acc':>8} {'chars/s':>10}",
+                    flush=True,
+                )
 
             def on_epoch_end(self, trainer, epoch: int, m: dict) -> None:
-                print(f"{epoch + 1:>5} {m['train_loss']:>10.4f} {m['val_loss']:>9.4f} {m['val_bpc']:>8.4f} "
-                      f"{m['val_accuracy']:>8.4f} {m['chars_per_sec']:>10,.0f}", flush=True)
+                print(
+                    f"{epoch + 1:>5} {m['train_loss']:>10.4f} {m['val_loss']:>9.4f} {m['val_bpc']:>8.4f} "
+                    f"{m['val_accuracy']:>8.4f} {m['chars_per_sec']:>10,.0f}",
+                    flush=True,
+                )
 
             def on_cycle_end(self, trainer, cycle: int, m: dict) -> None:
                 print(f"      SGDR cycle {cycle} ended: snapshot saved", flush=True)
@@ -97,8 +105,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = trainer.fit(max_steps=args.max_steps)
     if args.max_steps is not None and result.stopped_early:
         path = trainer.save_checkpoint(out / "last.pt")
-        print(f"stopped after {result.steps} steps; resume with: charlm train --resume {path} "
-              f"--corpus {args.corpus or '$' + CORPUS_ENV}")
+        print(
+            f"stopped after {result.steps} steps; resume with: charlm train --resume {path} "
+            f"--corpus {args.corpus or '$' + CORPUS_ENV}"
+        )
     summary = {
         "architecture": config.architecture,
         "best_val_loss": result.best_val_loss,
@@ -111,8 +121,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.json:
         _print_json({**summary, "history": result.history})
     else:
-        print(f"best val loss {result.best_val_loss:.4f} nats/char at epoch {result.best_epoch}; "
-              f"{result.wall_time:.1f}s; checkpoints in {out}")
+        print(
+            f"best val loss {result.best_val_loss:.4f} nats/char at epoch {result.best_epoch}; "
+            f"{result.wall_time:.1f}s; checkpoints in {out}"
+        )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -125,10 +137,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     text = read_corpus(_corpus_path(args.corpus))
     _, valid_text = split_text(text, config.data.valid_fraction)
     tokens = loaded.vocab.encode(valid_text)
-    layout = make_layout(loaded.model.layout, tokens, batch_size=config.data.batch_size,
-                         context=config.data.context, name="validation split", even=False)
-    _print_json({"checkpoint": args.checkpoint, "architecture": config.architecture,
-                 **evaluate(loaded.model, layout, loaded.device)})
+    layout = make_layout(
+        loaded.model.layout,
+        tokens,
+        batch_size=config.data.batch_size,
+        context=config.data.context,
+        name="validation split",
+        even=False,
+    )
+    _print_json(
+        {
+            "checkpoint": args.checkpoint,
+            "architecture": config.architecture,
+            **evaluate(loaded.model, layout, loaded.device),
+        }
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -142,16 +165,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.next_char:
         print(loaded.next_char(args.prime, on_unknown=on_unknown))
         return
-    text = loaded.generate(args.prime, args.length, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                           on_unknown=on_unknown)
+    text = loaded.generate(
+        args.prime, args.length, temperature=args.temperature, top_k=args.top_k, seed=args.seed, on_unknown=on_unknown
+    )
     print(args.prime + text)
 
 
 def cmd_vocab(args: argparse.Namespace) -> None:
     from charlm.data import prepare_corpus, read_corpus
 
-    prepared = prepare_corpus(read_corpus(_corpus_path(args.corpus)), valid_fraction=args.valid_fraction,
-                              lowercase=args.lowercase, min_freq=args.min_freq)
+    prepared = prepare_corpus(
+        read_corpus(_corpus_path(args.corpus)),
+        valid_fraction=args.valid_fraction,
+        lowercase=args.lowercase,
+        min_freq=args.min_freq,
+    )
     prepared.vocab.save(args.out)
     _print_json({"vocabulary": args.out, **prepared.stats()})
 
@@ -172,12 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--arch", default="stateful_gru", choices=list(ARCHITECTURES), metavar="ARCH",
-                       help="architecture (see 'charlm architectures'; default: %(default)s)")
-        p.add_argument("--preset", default="notebook", choices=list(PRESETS),
-                       help="settings preset: the notebook's, or tiny for a seconds-long CPU run (default: %(default)s)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config field, e.g. --set model.hidden_size=128 --set data.batch_size=32")
+        p.add_argument(
+            "--arch",
+            default="stateful_gru",
+            choices=list(ARCHITECTURES),
+            metavar="ARCH",
+            help="architecture (see 'charlm architectures'; default: %(default)s)",
+        )
+        p.add_argument(
+            "--preset",
+            default="notebook",
+            choices=list(PRESETS),
+            help="the notebook's settings, or tiny: seconds on a CPU (default: %(default)s)",
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a config field, e.g. --set model.hidden_size=128 --set data.batch_size=32",
+        )
 
     p = sub.add_parser("architectures", help="list the architectures")
     p.set_defaults(func=cmd_architectures)
@@ -212,8 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="sample among the k most likely characters")
     p.add_argument("--seed", type=int, help="make the sample reproducible")
     p.add_argument("--next-char", action="store_true", help="print only the most likely next character")
-    p.add_argument("--allow-unknown", action="store_true",
-                   help="map priming characters outside the vocabulary to the unknown index instead of failing")
+    p.add_argument(
+        "--allow-unknown",
+        action="store_true",
+        help="map priming characters outside the vocabulary to the unknown index instead of failing",
+    )
     p.add_argument("--device")
     p.set_defaults(func=cmd_generate)
 

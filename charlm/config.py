@@ -189,28 +189,67 @@ _WINDOW_DATA = DataConfig(batch_size=512, context=8)
 # The notebook's settings per architecture (fast.ai 2018 lesson 6, lesson6-rnn.ipynb):
 # sizes, batch layout, Adam learning rates and the epochs of each step-down stage.
 _NOTEBOOK: dict[str, tuple[ModelConfig, DataConfig, OptimConfig, tuple[Phase, ...]]] = {
-    "char3": (ModelConfig(architecture="char3"), DataConfig(batch_size=512, context=3), OptimConfig(),
-              (Phase.constant(1e-2, 1), Phase.constant(1e-3, 1))),
-    "char_loop": (ModelConfig(architecture="char_loop"), _WINDOW_DATA, OptimConfig(),
-                  (Phase.constant(1e-2, 1), Phase.constant(1e-3, 1))),
-    "char_loop_concat": (ModelConfig(architecture="char_loop_concat"), _WINDOW_DATA, OptimConfig(),
-                         (Phase.constant(1e-3, 1), Phase.constant(1e-4, 1))),
-    "char_rnn": (ModelConfig(architecture="char_rnn"), _WINDOW_DATA, OptimConfig(),
-                 (Phase.constant(1e-3, 4), Phase.constant(1e-4, 2))),
-    "seq_rnn": (ModelConfig(architecture="seq_rnn"), _WINDOW_DATA, OptimConfig(),
-                (Phase.constant(1e-3, 4), Phase.constant(1e-4, 1))),
-    "seq_rnn_identity": (ModelConfig(architecture="seq_rnn_identity"), _WINDOW_DATA, OptimConfig(),
-                         (Phase.constant(1e-2, 4), Phase.constant(1e-3, 4))),
-    "stateful_rnn": (ModelConfig(architecture="stateful_rnn"), _STATEFUL_DATA, OptimConfig(),
-                     (Phase.constant(1e-3, 4), Phase.constant(1e-4, 2))),
-    "stateful_rnn_cell": (ModelConfig(architecture="stateful_rnn_cell"), _STATEFUL_DATA, OptimConfig(),
-                          (Phase.constant(1e-3, 4), Phase.constant(1e-4, 2))),
-    "stateful_gru": (ModelConfig(architecture="stateful_gru"), _STATEFUL_DATA, OptimConfig(),
-                     (Phase.constant(1e-3, 6), Phase.constant(1e-4, 3))),
+    "char3": (
+        ModelConfig(architecture="char3"),
+        DataConfig(batch_size=512, context=3),
+        OptimConfig(),
+        (Phase.constant(1e-2, 1), Phase.constant(1e-3, 1)),
+    ),
+    "char_loop": (
+        ModelConfig(architecture="char_loop"),
+        _WINDOW_DATA,
+        OptimConfig(),
+        (Phase.constant(1e-2, 1), Phase.constant(1e-3, 1)),
+    ),
+    "char_loop_concat": (
+        ModelConfig(architecture="char_loop_concat"),
+        _WINDOW_DATA,
+        OptimConfig(),
+        (Phase.constant(1e-3, 1), Phase.constant(1e-4, 1)),
+    ),
+    "char_rnn": (
+        ModelConfig(architecture="char_rnn"),
+        _WINDOW_DATA,
+        OptimConfig(),
+        (Phase.constant(1e-3, 4), Phase.constant(1e-4, 2)),
+    ),
+    "seq_rnn": (
+        ModelConfig(architecture="seq_rnn"),
+        _WINDOW_DATA,
+        OptimConfig(),
+        (Phase.constant(1e-3, 4), Phase.constant(1e-4, 1)),
+    ),
+    "seq_rnn_identity": (
+        ModelConfig(architecture="seq_rnn_identity"),
+        _WINDOW_DATA,
+        OptimConfig(),
+        (Phase.constant(1e-2, 4), Phase.constant(1e-3, 4)),
+    ),
+    "stateful_rnn": (
+        ModelConfig(architecture="stateful_rnn"),
+        _STATEFUL_DATA,
+        OptimConfig(),
+        (Phase.constant(1e-3, 4), Phase.constant(1e-4, 2)),
+    ),
+    "stateful_rnn_cell": (
+        ModelConfig(architecture="stateful_rnn_cell"),
+        _STATEFUL_DATA,
+        OptimConfig(),
+        (Phase.constant(1e-3, 4), Phase.constant(1e-4, 2)),
+    ),
+    "stateful_gru": (
+        ModelConfig(architecture="stateful_gru"),
+        _STATEFUL_DATA,
+        OptimConfig(),
+        (Phase.constant(1e-3, 6), Phase.constant(1e-4, 3)),
+    ),
     # LayerOptimizer(Adam, 1e-2, wd=1e-5): 2 epochs, then CosAnneal(cycle_mult=2) for 2**4-1 epochs.
-    "stateful_lstm": (ModelConfig(architecture="stateful_lstm", hidden_size=512, num_layers=2, dropout=0.5),
-                      _STATEFUL_DATA, OptimConfig(weight_decay=1e-5),
-                      (Phase.constant(1e-2, 2), Phase.sgdr(1e-2, cycles=4, cycle_len=1, cycle_mult=2))),
+    "stateful_lstm": (
+        ModelConfig(architecture="stateful_lstm", hidden_size=512, num_layers=2, dropout=0.5),
+        _STATEFUL_DATA,
+        OptimConfig(weight_decay=1e-5),
+        (Phase.constant(1e-2, 2), Phase.sgdr(1e-2, cycles=4, cycle_len=1, cycle_mult=2)),
+    ),
 }
 
 
@@ -225,10 +264,14 @@ def tiny(architecture: str) -> RunConfig:
     """Small enough to train in seconds on a CPU: one constant epoch, then two one-epoch SGDR cycles."""
     base = notebook(architecture)
     return RunConfig(
-        model=base.model.model_copy(update={"embedding_dim": 8, "hidden_size": 32, "dropout": 0.0,
-                                            "num_layers": 1}),
-        data=base.data.model_copy(update={"batch_size": 16 if base.data.batch_size < 512 else 64, "min_freq": 1,
-                                          "context": 3 if architecture == "char3" else 8}),
+        model=base.model.model_copy(update={"embedding_dim": 8, "hidden_size": 32, "dropout": 0.0, "num_layers": 1}),
+        data=base.data.model_copy(
+            update={
+                "batch_size": 16 if base.data.batch_size < 512 else 64,
+                "min_freq": 1,
+                "context": 3 if architecture == "char3" else 8,
+            }
+        ),
         optim=base.optim,
         schedule=(Phase.constant(1e-2, 1), Phase.sgdr(1e-2, cycles=2, cycle_len=1, cycle_mult=1)),
         log_every=5,

@@ -250,8 +250,17 @@ class Layout:
     its own disjoint part and every rank takes the same number of steps.
     """
 
-    def __init__(self, tokens: torch.Tensor, *, batch_size: int, context: int, name: str = "data",
-                 rank: int = 0, world_size: int = 1, even: bool = True) -> None:
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        *,
+        batch_size: int,
+        context: int,
+        name: str = "data",
+        rank: int = 0,
+        world_size: int = 1,
+        even: bool = True,
+    ) -> None:
         if tokens.dim() != 1:
             raise ValueError(f"{name}: expected a 1-D token tensor, got shape {tuple(tokens.shape)}")
         if batch_size < 1 or context < 1:
@@ -402,12 +411,23 @@ class StreamLayout(Layout):
 LAYOUTS: dict[str, type[Layout]] = {"window": WindowLayout, "sequence": SequenceLayout, "stream": StreamLayout}
 
 
-def make_layout(kind: str, tokens: torch.Tensor, *, batch_size: int, context: int, random_bptt: bool = False,
-                name: str = "data", rank: int = 0, world_size: int = 1, even: bool = True) -> Layout:
+def make_layout(
+    kind: str,
+    tokens: torch.Tensor,
+    *,
+    batch_size: int,
+    context: int,
+    random_bptt: bool = False,
+    name: str = "data",
+    rank: int = 0,
+    world_size: int = 1,
+    even: bool = True,
+) -> Layout:
     try:
         cls = LAYOUTS[kind]
     except KeyError:
         raise ValueError(f"unknown layout {kind!r}; known: {', '.join(LAYOUTS)}") from None
     extra = {"random_bptt": random_bptt} if cls is StreamLayout else {}
-    return cls(tokens, batch_size=batch_size, context=context, name=name, rank=rank, world_size=world_size,
-               even=even, **extra)
+    return cls(
+        tokens, batch_size=batch_size, context=context, name=name, rank=rank, world_size=world_size, even=even, **extra
+    )

@@ -76,8 +76,16 @@ class LoadedModel:
         logits, _ = self._next_logits(tokens, tokens, None)
         return self.vocab.itos[int(logits.argmax())]
 
-    def generate(self, prime: str, length: int = 400, *, temperature: float = 1.0, top_k: int | None = None,
-                 seed: int | None = None, on_unknown: str = "error") -> str:
+    def generate(
+        self,
+        prime: str,
+        length: int = 400,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        on_unknown: str = "error",
+    ) -> str:
         """``length`` characters after ``prime``, sampled (the notebook's ``get_next_n``).
 
         ``temperature`` 0 is greedy; ``top_k`` keeps the k most likely characters;

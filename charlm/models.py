@@ -131,13 +131,21 @@ class _RecurrentModel(CharModel):
     cell: ClassVar[type[nn.RNNBase]] = nn.RNN
     supports_layers = True
 
-    def __init__(self, vocab_size: int, embedding_dim: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, **_: object) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        **_: object,
+    ) -> None:
         super().__init__()
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
-        self.rnn = self.cell(embedding_dim, hidden_size, num_layers, batch_first=True,
-                             dropout=dropout if num_layers > 1 else 0.0)
+        self.rnn = self.cell(
+            embedding_dim, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+        )
         self.dropout = nn.Dropout(dropout)
         self.output_layer = nn.Linear(hidden_size, vocab_size)
 
@@ -250,18 +258,34 @@ ARCHITECTURES: dict[str, Architecture] = {
     for a in [
         Architecture("char3", Char3Model, "Char3Model", "3 characters -> next, shared input and hidden layers"),
         Architecture("char_loop", CharLoopModel, "CharLoopModel", "n characters, input added to hidden"),
-        Architecture("char_loop_concat", CharLoopConcatModel, "CharLoopConcatModel",
-                     "n characters, input concatenated with hidden"),
+        Architecture(
+            "char_loop_concat",
+            CharLoopConcatModel,
+            "CharLoopConcatModel",
+            "n characters, input concatenated with hidden",
+        ),
         Architecture("char_rnn", CharRnn, "CharRnn", "nn.RNN, prediction from the last step"),
         Architecture("seq_rnn", CharSeqRnn, "CharSeqRnn", "one prediction per position, state reset per batch"),
-        Architecture("seq_rnn_identity", CharSeqRnnIdentity, "CharSeqRnn (identity init)",
-                     "seq_rnn with hidden-to-hidden weights initialised to the identity"),
-        Architecture("stateful_rnn", CharSeqStatefulRnn, "CharSeqStatefulRnn",
-                     "hidden state carried across batches, truncated BPTT"),
+        Architecture(
+            "seq_rnn_identity",
+            CharSeqRnnIdentity,
+            "CharSeqRnn (identity init)",
+            "seq_rnn with hidden-to-hidden weights initialised to the identity",
+        ),
+        Architecture(
+            "stateful_rnn",
+            CharSeqStatefulRnn,
+            "CharSeqStatefulRnn",
+            "hidden state carried across batches, truncated BPTT",
+        ),
         Architecture("stateful_rnn_cell", CharSeqStatefulRnnCell, "CharSeqStatefulRnn2", "explicit RNNCell loop"),
         Architecture("stateful_gru", CharSeqStatefulGru, "CharSeqStatefulGRU", "stateful GRU"),
-        Architecture("stateful_lstm", CharSeqStatefulLstm, "CharSeqStatefulLSTM",
-                     "stateful LSTM, layers and dropout configurable"),
+        Architecture(
+            "stateful_lstm",
+            CharSeqStatefulLstm,
+            "CharSeqStatefulLSTM",
+            "stateful LSTM, layers and dropout configurable",
+        ),
     ]
 }
 
@@ -273,11 +297,13 @@ def get_architecture(name: str) -> Architecture:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}") from None
 
 
-def build_model(name: str, vocab_size: int, *, embedding_dim: int, hidden_size: int, num_layers: int = 1,
-                dropout: float = 0.0) -> CharModel:
+def build_model(
+    name: str, vocab_size: int, *, embedding_dim: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0
+) -> CharModel:
     arch = get_architecture(name)
-    return arch.model_class(vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size,
-                            num_layers=num_layers, dropout=dropout)
+    return arch.model_class(
+        vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size, num_layers=num_layers, dropout=dropout
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

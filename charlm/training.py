@@ -45,8 +45,9 @@ def bits_per_char(nats: float) -> float:
 
 def char_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy in nats per predicted character; logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD_INDEX,
-                           reduction=reduction)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=PAD_INDEX, reduction=reduction
+    )
 
 
 @torch.no_grad()
@@ -148,29 +149,50 @@ class Trainer:
     ``cycle-K.pt`` at the end of each SGDR cycle (the notebook's ``on_cycle_end``).
     """
 
-    def __init__(self, config: RunConfig, corpus: PreparedCorpus, *, callbacks: Sequence[Callback] = (),
-                 checkpoint_dir: str | os.PathLike[str] | None = None, device: torch.device | str | None = None,
-                 dist: DistInfo | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        corpus: PreparedCorpus,
+        *,
+        callbacks: Sequence[Callback] = (),
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+        dist: DistInfo | None = None,
+    ) -> None:
         self.config = config
         self.vocab = corpus.vocab
         self.dist = dist or DistInfo()
-        self.device = torch.device(device) if device is not None else resolve_device(config.device,
-                                                                                      self.dist.local_rank)
+        self.device = (
+            torch.device(device) if device is not None else resolve_device(config.device, self.dist.local_rank)
+        )
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.arch = get_architecture(config.architecture)
         self.schedule = Schedule(config.schedule)
         data = config.data
         shard = {"rank": self.dist.rank, "world_size": self.dist.world_size}
-        self.train_layout: Layout = make_layout(self.arch.layout, corpus.train, batch_size=data.batch_size,
-                                                context=data.context, random_bptt=data.random_bptt,
-                                                name="training split", **shard)
-        self.valid_layout: Layout = make_layout(self.arch.layout, corpus.valid, batch_size=data.batch_size,
-                                                context=data.context, name="validation split", even=False,
-                                                **shard)
+        self.train_layout: Layout = make_layout(
+            self.arch.layout,
+            corpus.train,
+            batch_size=data.batch_size,
+            context=data.context,
+            random_bptt=data.random_bptt,
+            name="training split",
+            **shard,
+        )
+        self.valid_layout: Layout = make_layout(
+            self.arch.layout,
+            corpus.valid,
+            batch_size=data.batch_size,
+            context=data.context,
+            name="validation split",
+            even=False,
+            **shard,
+        )
 
         torch.manual_seed(config.seed)  # same initial weights on every rank
-        self.module: CharModel = build_model(config.architecture, len(self.vocab),
-                                             **config.model.model_dump(exclude={"architecture"})).to(self.device)
+        self.module: CharModel = build_model(
+            config.architecture, len(self.vocab), **config.model.model_dump(exclude={"architecture"})
+        ).to(self.device)
         self.model: nn.Module = self.module
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -178,8 +200,12 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=ids)
         torch.manual_seed(config.seed + self.dist.rank)  # per-rank dropout streams
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.schedule.lr(0.0),
-                                          betas=config.optim.betas, weight_decay=config.optim.weight_decay)
+        self.optimizer = torch.optim.Adam(
+            self.module.parameters(),
+            lr=self.schedule.lr(0.0),
+            betas=config.optim.betas,
+            weight_decay=config.optim.weight_decay,
+        )
         self.callbacks = [c for c in callbacks if self.dist.is_main or c.all_ranks]
         self._progress = _ProgressBar() if config.progress and self.dist.is_main and sys.stderr.isatty() else None
 
@@ -227,9 +253,16 @@ class Trainer:
             if self._progress:
                 self._progress.close()
                 self.callbacks.remove(self._progress)
-        result = FitResult(history=list(self.history), best_val_loss=self.best_val_loss, best_epoch=self.best_epoch,
-                           steps=self.step, wall_time=time.perf_counter() - started, parameters=self.parameters,
-                           checkpoints=dict(self.checkpoints), stopped_early=stopped)
+        result = FitResult(
+            history=list(self.history),
+            best_val_loss=self.best_val_loss,
+            best_epoch=self.best_epoch,
+            steps=self.step,
+            wall_time=time.perf_counter() - started,
+            parameters=self.parameters,
+            checkpoints=dict(self.checkpoints),
+            stopped_early=stopped,
+        )
         self._call("on_fit_end", result)
         return result
 
@@ -287,8 +320,9 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         epoch = self.epoch
-        sums = torch.stack([self._loss_sum.double(), torch.tensor(float(self._chars), dtype=torch.float64,
-                                                                  device=self.device)])
+        sums = torch.stack(
+            [self._loss_sum.double(), torch.tensor(float(self._chars), dtype=torch.float64, device=self.device)]
+        )
         if self.dist.world_size > 1:
             torch.distributed.all_reduce(sums)
         loss_sum, chars = sums.tolist()
@@ -332,8 +366,11 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "progress": {"step": self.step, "epoch": self.epoch, "batch": self.batch},
             "state": _to_cpu(self.state),
-            "epoch_sums": {"loss_sum": float(self._loss_sum), "chars": self._chars,
-                           "train_seconds": self._train_seconds},
+            "epoch_sums": {
+                "loss_sum": float(self._loss_sum),
+                "chars": self._chars,
+                "train_seconds": self._train_seconds,
+            },
             "rng": rng,
             "history": self.history,
             "best": {"val_loss": self.best_val_loss, "epoch": self.best_epoch},
@@ -398,9 +435,16 @@ def prepare_for(config: RunConfig, text: str) -> PreparedCorpus:
     from charlm.data import prepare_corpus
 
     data = config.data
-    return prepare_corpus(text, valid_fraction=data.valid_fraction, lowercase=data.lowercase,
-                          min_freq=data.min_freq)
+    return prepare_corpus(text, valid_fraction=data.valid_fraction, lowercase=data.lowercase, min_freq=data.min_freq)
 
 
-__all__ = ["Callback", "DistInfo", "FitResult", "Trainer", "Vocabulary", "bits_per_char", "prepare_for",
-           "resolve_device"]
+__all__ = [
+    "Callback",
+    "DistInfo",
+    "FitResult",
+    "Trainer",
+    "Vocabulary",
+    "bits_per_char",
+    "prepare_for",
+    "resolve_device",
+]

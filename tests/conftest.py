@@ -8,7 +8,43 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "nietzsche.txt"
 
-_WORDS = ["the", "of", "and", "to", "in", "is", "that", "it", "was", "for", "on", "are", "with", "as", "be", "at", "by", "this", "had", "not", "but", "from", "or", "have", "truth", "will", "power", "morality", "good", "evil", "philosopher", "spirit", "free", "man", "God"]
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "it",
+    "was",
+    "for",
+    "on",
+    "are",
+    "with",
+    "as",
+    "be",
+    "at",
+    "by",
+    "this",
+    "had",
+    "not",
+    "but",
+    "from",
+    "or",
+    "have",
+    "truth",
+    "will",
+    "power",
+    "morality",
+    "good",
+    "evil",
+    "philosopher",
+    "spirit",
+    "free",
+    "man",
+    "God",
+]
 
 
 def generated_text(n_words: int = 3000, seed: int = 0) -> str:

@@ -15,8 +15,24 @@ def test_help_lists_the_commands():
 
 def test_train_evaluate_generate_round_trip(corpus_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--arch", "stateful_gru", "--preset", "tiny", "--corpus", str(corpus_file),
-                 "--out", str(out), "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "stateful_gru",
+                "--preset",
+                "tiny",
+                "--corpus",
+                str(corpus_file),
+                "--out",
+                str(out),
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["architecture"] == "stateful_gru" and len(summary["history"]) == 3
     assert (out / "best.pt").exists() and (out / "cycle-1.pt").exists()
@@ -33,11 +49,42 @@ def test_train_evaluate_generate_round_trip(corpus_file, tmp_path, capsys):
 
 def test_stop_and_resume_from_the_cli(corpus_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--arch", "seq_rnn", "--preset", "tiny", "--corpus", str(corpus_file), "--out", str(out),
-                 "--max-steps", "7", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--arch",
+                "seq_rnn",
+                "--preset",
+                "tiny",
+                "--corpus",
+                str(corpus_file),
+                "--out",
+                str(out),
+                "--max-steps",
+                "7",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "resume with" in capsys.readouterr().out
-    assert main(["train", "--resume", str(out / "last.pt"), "--corpus", str(corpus_file), "--out", str(out),
-                 "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(out / "last.pt"),
+                "--corpus",
+                str(corpus_file),
+                "--out",
+                str(out),
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["history"]) == 3
 
 

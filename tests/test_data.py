@@ -110,7 +110,7 @@ def test_text_too_short_for_the_layouts():
 
 def test_window_layout_overlapping_windows_predict_next():
     layout = WindowLayout(tokens(7), batch_size=10, context=3)
-    (inputs, targets), = list(layout.iterate(shuffle=False))
+    ((inputs, targets),) = list(layout.iterate(shuffle=False))
     assert inputs.tolist() == [[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5]]
     assert targets.tolist() == [[3], [4], [5], [6]]
     assert inputs.dtype == torch.long
@@ -118,7 +118,7 @@ def test_window_layout_overlapping_windows_predict_next():
 
 def test_sequence_layout_non_overlapping_one_target_per_position():
     layout = SequenceLayout(tokens(10), batch_size=10, context=3)
-    (inputs, targets), = list(layout.iterate(shuffle=False))
+    ((inputs, targets),) = list(layout.iterate(shuffle=False))
     assert inputs.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert targets.tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
