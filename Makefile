@@ -1,6 +1,7 @@
 # The few verbs people type. Everything runs inside .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+CORPUS ?= ../shared/data/nietzsche.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup run test lint bench clean
@@ -12,8 +13,8 @@ setup: $(PY)  ## create .venv, install torch for this host, then the project
 	PIP="$(PY) -m pip" scripts/install-torch.sh
 	$(PY) -m pip install -q -e ".[pipeline,dev]"
 
-run: setup  ## the main job on the embedded defaults
-	$(VENV)/bin/charlm pipeline $(ARGS)
+run: setup  ## the main job: train stateful_gru with the notebook's settings
+	$(VENV)/bin/charlm train --arch stateful_gru --corpus $(CORPUS) --out runs/stateful_gru $(ARGS)
 
 test: setup  ## the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -242,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="validation loss, bits/char and accuracy of a checkpoint on a corpus")
     p.add_argument("checkpoint")
     p.add_argument("--corpus", help="UTF-8 text file (its validation split is used)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="evaluation batch (for stateful models: the number of columns, each starting from a zero "
+        "state; default: the training batch size, as the notebook did)",
+    )
+    p.add_argument("--context", type=int, help="evaluation sequence length (sequence/stream layouts)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_evaluate)
 
