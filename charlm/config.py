@@ -146,13 +146,7 @@ class RunConfig(_Strict):
     def override(self, assignments: dict[str, Any] | list[str]) -> RunConfig:
         """A copy with dotted-key overrides (``{"model.hidden_size": 128}`` or ``["model.hidden_size=128"]``)."""
         if isinstance(assignments, list):
-            pairs: dict[str, Any] = {}
-            for item in assignments:
-                key, sep, value = item.partition("=")
-                if not sep:
-                    raise ValueError(f"override {item!r}: expected key=value")
-                pairs[key.strip()] = _parse_scalar(value.strip())
-            assignments = pairs
+            assignments = self.parse_overrides(assignments)
         data = self.model_dump()
         for key, value in assignments.items():
             *path, leaf = key.split(".")
@@ -165,6 +159,18 @@ class RunConfig(_Strict):
                 raise ValueError(f"override {key!r}: no such config field {leaf!r}")
             node[leaf] = value
         return RunConfig.model_validate(data)
+
+
+    @staticmethod
+    def parse_overrides(items: list[str]) -> dict[str, Any]:
+        """``["model.hidden_size=128"]`` → ``{"model.hidden_size": 128}``."""
+        pairs: dict[str, Any] = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r}: expected key=value")
+            pairs[key.strip()] = _parse_scalar(value.strip())
+        return pairs
 
 
 def _parse_scalar(text: str) -> Any:

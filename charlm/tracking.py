@@ -1,0 +1,168 @@
+"""MLflow tracking as a trainer callback, and the pyfunc that serves a checkpoint.
+
+The trainer never imports this module: :class:`MLflowTracker` plugs into its
+hooks. Every call names its run id explicitly (MLflow's active run is
+thread-local, and several architectures train at once in one process).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from charlm.training import Callback, FitResult, Trainer
+
+# Explicit requirements keep log_model from inferring them (seconds per call).
+PIP_REQUIREMENTS = ["charlm", "torch", "numpy", "pydantic", "pandas"]
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the embedded default: a local SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class TrackingUnavailable(RuntimeError):
+    pass
+
+
+def check_tracking_server(uri: str | None = None, timeout: float = 10.0) -> str:
+    """Fail fast, before any training, when an HTTP tracking server does not answer."""
+    import urllib.error
+    import urllib.request
+
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                if response.status != 200:
+                    raise TrackingUnavailable(f"MLflow tracking server {uri} answered /health with {response.status}")
+        except (urllib.error.URLError, OSError) as err:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} is unreachable ({getattr(err, 'reason', err)}); "
+                "start it or unset MLFLOW_TRACKING_URI to use the local SQLite store"
+            ) from None
+    else:
+        MlflowClient(uri).search_experiments(max_results=1)  # creates/migrates a local store once, up front
+    return uri
+
+
+class CharLMPyfunc(mlflow.pyfunc.PythonModel):
+    """Generates text from a charlm checkpoint.
+
+    Input: a DataFrame with a ``prime`` column and optional ``length``,
+    ``temperature``, ``top_k`` and ``seed`` columns (or the same as params).
+    Output: a list of generated texts (without the priming text).
+    """
+
+    def load_context(self, context) -> None:
+        from charlm.generate import LoadedModel
+
+        self.model = LoadedModel.from_checkpoint(context.artifacts["checkpoint"], device="cpu")
+
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would drop params
+        import pandas as pd
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "prime" not in frame.columns:
+            raise ValueError(f"input needs a 'prime' column, got {list(frame.columns)}")
+        params = params or {}
+        outputs = []
+        for row in frame.to_dict("records"):
+            def get(name, default, cast, row=row):
+                value = row.get(name, params.get(name, default))
+                return default if value is None or value != value else cast(value)  # NaN -> default
+
+            outputs.append(self.model.generate(
+                str(row["prime"]), get("length", 200, int), temperature=get("temperature", 1.0, float),
+                top_k=get("top_k", None, int), seed=get("seed", None, int), on_unknown="unk"))
+        return outputs
+
+
+def log_checkpoint_model(checkpoint: str | os.PathLike[str], name: str, *, step: int = 0,
+                         tags: dict[str, Any] | None = None, params: dict[str, Any] | None = None):
+    """Log a checkpoint as an MLflow 3 logged model (a pyfunc) in the active run."""
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=CharLMPyfunc(),
+        artifacts={"checkpoint": str(checkpoint)},
+        pip_requirements=PIP_REQUIREMENTS,
+        step=step,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+        params={k: str(v) for k, v in (params or {}).items()} or None,
+    )
+
+
+class MLflowTracker(Callback):
+    """Logs one training run to the MLflow run ``run_id``.
+
+    Parameters at the start; ``train_loss`` and ``lr`` every ``log_every`` steps
+    (``step`` = optimizer step); epoch metrics with ``step`` = epoch number; the
+    latest and best checkpoints as artifacts under ``checkpoints/``; each SGDR
+    cycle-end snapshot as its own logged model tagged with the cycle index.
+    """
+
+    def __init__(self, run_id: str, *, client: MlflowClient | None = None, log_snapshots: bool = True) -> None:
+        self.run_id = run_id
+        self.client = client or MlflowClient()
+        self.log_snapshots = log_snapshots
+        self.snapshot_model_ids: dict[int, str] = {}
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.step:  # a resumed run already logged its parameters
+            return
+        params = {k: str(v) for k, v in trainer.config.flat().items()}
+        params["parameters"] = str(trainer.parameters)
+        params["vocab_size"] = str(len(trainer.vocab))
+        params["device"] = str(trainer.device)
+        params["world_size"] = str(trainer.dist.world_size)
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+
+    def on_step_end(self, trainer: Trainer, step: int, loss: float, lr: float) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        self.client.log_batch(self.run_id, metrics=[Metric("train_loss_step", loss, now, step),
+                                                    Metric("lr", lr, now, step)])
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        names = ("train_loss", "train_bpc", "val_loss", "val_bpc", "val_accuracy", "chars_per_sec")
+        self.client.log_batch(self.run_id, metrics=[Metric(n, float(metrics[n]), now, epoch + 1) for n in names])
+
+    def on_checkpoint(self, trainer: Trainer, kind: str, path: Path, metrics: dict[str, float]) -> None:
+        if kind in ("last", "best"):
+            self.client.log_artifact(self.run_id, str(path), artifact_path="checkpoints")
+        elif kind.startswith("cycle-") and self.log_snapshots:
+            cycle = int(kind.removeprefix("cycle-"))
+            with mlflow.start_run(run_id=self.run_id, nested=True):
+                info = log_checkpoint_model(
+                    path, f"{trainer.config.architecture}-{kind}", step=int(metrics["epoch"]),
+                    tags={"charlm.kind": "sgdr-snapshot", "charlm.cycle": cycle,
+                          "charlm.architecture": trainer.config.architecture,
+                          "charlm.val_loss": metrics["val_loss"]},
+                )
+            self.snapshot_model_ids[cycle] = info.model_id
+
+    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        self.client.log_batch(self.run_id, metrics=[
+            Metric("best_val_loss", result.best_val_loss, now, result.best_epoch),
+            Metric("wall_time_s", result.wall_time, now, 0),
+        ])
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)

@@ -1,0 +1,234 @@
+"""The nightly pipeline: fetch → prepare → train every architecture → compare.
+
+    python -m flows.pipeline                                   # the notebook's models, s3://text-datasets/nietzsche.txt
+    python -m flows.pipeline --corpus-uri ../shared/data/nietzsche.txt --preset tiny --arch char3 stateful_gru
+
+Runs on Prefect's ephemeral mode and a local MLflow SQLite store unless
+PREFECT_API_URL / MLFLOW_TRACKING_URI point at servers.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Literal  # noqa: E402
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_table_artifact  # noqa: E402
+from prefect.futures import as_completed  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from charlm import experiment  # noqa: E402
+from charlm.config import PRESETS, RunConfig, preset  # noqa: E402
+from charlm.models import ARCHITECTURES  # noqa: E402
+from charlm.storage import DEFAULT_CORPUS_URI, FetchedCorpus, fetch_corpus  # noqa: E402
+from charlm.tracking import check_tracking_server  # noqa: E402
+
+CORPUS_URI_ENV = "CHARLM_CORPUS_URI"
+HOME_ENV = "CHARLM_HOME"
+
+
+def charlm_home() -> Path:
+    return Path(os.environ.get(HOME_ENV, ".charlm")).resolve()
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@task(name="fetch-corpus")
+def fetch(uri: str, endpoint_url: str | None = None) -> FetchedCorpus:
+    """Download the corpus (boto3/urllib retry transient errors; bad input fails at once)."""
+    corpus = fetch_corpus(uri, endpoint_url=endpoint_url)
+    get_run_logger().info("fetched %s: %d bytes, sha256 %s, ETag %s", uri, corpus.size, corpus.sha256, corpus.etag)
+    return corpus
+
+
+def _prepare_key(context, parameters: dict[str, Any]) -> str:
+    return "charlm-prepare-" + experiment.preparation_key(parameters["sha256"], parameters["settings"])
+
+
+@task(name="prepare-corpus", cache_key_fn=_prepare_key, persist_result=True)
+def prepare(text: str, sha256: str, settings: dict[str, Any], root: str) -> dict[str, Any]:
+    """Split + vocabulary + encoded arrays, cached on (corpus sha256, settings) across flow runs."""
+    out = Path(root) / "prepared" / experiment.preparation_key(sha256, settings)
+    prepared = experiment.prepare_artifacts(text, settings, out)
+    get_run_logger().info("prepared %s: %s", out, prepared["stats"])
+    return prepared
+
+
+@task(name="train-architecture")
+def train(config: RunConfig, prepared_dir: str, experiment_id: str, parent_run_id: str, corpus: FetchedCorpus,
+          output_dir: str) -> dict[str, Any]:
+    return experiment.train_architecture(config, prepared_dir, experiment_id=experiment_id,
+                                         parent_run_id=parent_run_id, corpus=corpus, output_dir=output_dir)
+
+
+@task(name="compare-architectures")
+def compare(results: list[dict[str, Any]], parent_run_id: str, output_dir: str) -> list[dict[str, Any]]:
+    from mlflow.tracking import MlflowClient
+
+    table = experiment.comparison_table(results)
+    out = Path(output_dir)
+    csv_path, png_path = out / "comparison.csv", out / "val_loss_curves.png"
+    table.to_csv(csv_path, index=False)
+    experiment.plot_validation_curves(results, png_path)
+    client = MlflowClient()
+    client.log_artifact(parent_run_id, str(csv_path), artifact_path="comparison")
+    client.log_artifact(parent_run_id, str(png_path), artifact_path="comparison")
+    records = table.round(4).to_dict("records")
+    create_table_artifact(table=records, key="charlm-comparison",
+                          description="Architectures ranked by best validation loss (nats/char)")
+    return records
+
+
+# --------------------------------------------------------------------------- flow
+
+
+def build_configs(architectures: list[str], preset_name: str,
+                  overrides: dict[str, dict[str, Any]] | None) -> list[RunConfig]:
+    """Validate the flow's parameters into one RunConfig per architecture (before any work)."""
+    if not architectures:
+        raise ValueError("architectures: give at least one")
+    unknown = [a for a in architectures if a not in ARCHITECTURES]
+    if unknown:
+        raise ValueError(f"architectures: unknown {unknown}; known: {', '.join(ARCHITECTURES)}")
+    overrides = overrides or {}
+    stray = set(overrides) - set(architectures) - {"*"}
+    if stray:
+        raise ValueError(f"overrides: for architectures not requested: {sorted(stray)}")
+    configs = []
+    for arch in architectures:
+        config = preset(preset_name, arch).override({"progress": False})
+        config = config.override({**overrides.get("*", {}), **overrides.get(arch, {})})
+        configs.append(config)
+    return configs
+
+
+@flow(name="charlm-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
+def charlm_pipeline(
+    corpus_uri: str = DEFAULT_CORPUS_URI,
+    architectures: list[str] = list(ARCHITECTURES),  # noqa: B006 - Prefect parameters are copied
+    preset_name: Literal["notebook", "tiny"] = "notebook",
+    overrides: dict[str, dict[str, Any]] | None = None,
+    concurrency: int = 2,
+    experiment_name: str = "charlm",
+    s3_endpoint_url: str | None = None,
+) -> dict[str, Any]:
+    """Train and compare architectures on a corpus; see the module docstring."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    configs = build_configs(architectures, preset_name, overrides)
+    uri = check_tracking_server()  # an unreachable tracking server fails here, before any work
+    mlflow.set_tracking_uri(uri)
+    corpus = fetch(corpus_uri, s3_endpoint_url)
+
+    home = charlm_home()
+    run_id = str(flow_run.get_id() or "local")
+    output_dir = home / "runs" / run_id
+    output_dir.mkdir(parents=True, exist_ok=True)
+    prepared: dict[str, dict[str, Any]] = {}
+    for config in configs:
+        settings = experiment.preparation_settings(config)
+        key = experiment.preparation_key(corpus.sha256, settings)
+        if key not in prepared:
+            prepared[key] = prepare(corpus.text, corpus.sha256, settings, str(home))
+
+    client = MlflowClient()
+    exp = mlflow.set_experiment(experiment_name)
+    parent = client.create_run(exp.experiment_id, run_name=f"pipeline-{flow_run.get_name() or 'local'}", tags={
+        "prefect.flow_run_id": run_id, "charlm.corpus_sha256": corpus.sha256, "charlm.corpus_uri": corpus.uri,
+        "charlm.kind": "pipeline"})
+    parent_id = parent.info.run_id
+    try:
+        experiment.log_corpus_input(parent_id, corpus)
+        client.log_param(parent_id, "architectures", ",".join(architectures))
+        client.log_param(parent_id, "preset", preset_name)
+        results, failures = _train_all(configs, prepared, corpus, exp.experiment_id, parent_id, output_dir,
+                                       concurrency)
+        if failures:
+            raise RuntimeError(f"{len(failures)} architecture(s) failed: " + "; ".join(failures))
+        table = compare(results, parent_id, str(output_dir))
+    except BaseException:
+        client.set_terminated(parent_id, status="FAILED")
+        raise
+    best = table[0]
+    client.set_tag(parent_id, "charlm.best_architecture", best["architecture"])
+    client.log_metric(parent_id, "best_val_loss", best["best_val_loss"])
+    client.set_terminated(parent_id, status="FINISHED")
+    summary = {"parent_run_id": parent_id, "experiment_id": exp.experiment_id, "tracking_uri": uri,
+               "corpus": corpus.describe(), "best": best, "table": table, "results": results,
+               "output_dir": str(output_dir)}
+    print(format_summary(summary))
+    return summary
+
+
+def _train_all(configs, prepared, corpus, experiment_id, parent_id, output_dir, concurrency):
+    """Submit at most ``concurrency`` training tasks at a time; the rest queue here."""
+    queue = list(configs)
+    running, results, failures = [], [], []
+    while queue or running:
+        while queue and len(running) < concurrency:
+            config = queue.pop(0)
+            key = experiment.preparation_key(corpus.sha256, experiment.preparation_settings(config))
+            running.append(train.submit(config, prepared[key]["dir"], experiment_id, parent_id, corpus,
+                                        str(output_dir)))
+        done = next(as_completed(running))
+        running.remove(done)
+        try:
+            results.append(done.result())
+        except Exception as err:  # the task failed; the other architectures still finish
+            failures.append(f"{type(err).__name__}: {err}")
+    return results, failures
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    uri = summary["tracking_uri"]
+    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    lines = ["", "charlm pipeline finished", ""]
+    lines.append(f"{'architecture':<18} {'val_loss':>9} {'val_bpc':>8} {'params':>9} {'epochs':>6} {'chars/s':>9}")
+    for row in summary["table"]:
+        lines.append(f"{row['architecture']:<18} {row['best_val_loss']:>9.4f} {row['best_val_bpc']:>8.4f} "
+                     f"{row['parameters']:>9,} {row['epochs']:>6} {row['chars_per_sec']:>9,.0f}")
+    best = summary["best"]
+    lines += ["", f"best: {best['architecture']} with validation loss {best['best_val_loss']:.4f} nats/char",
+              f"MLflow: experiment {summary['experiment_id']}, parent run {summary['parent_run_id']}",
+              f"MLflow UI: {ui}", f"outputs: {summary['output_dir']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus-uri", default=os.environ.get(CORPUS_URI_ENV, DEFAULT_CORPUS_URI),
+                        help=f"s3://, https://, file:// or a path (env {CORPUS_URI_ENV}; default: %(default)s)")
+    parser.add_argument("--arch", nargs="+", default=list(ARCHITECTURES), metavar="ARCH",
+                        help="architectures to train (default: all ten)")
+    parser.add_argument("--preset", default="notebook", choices=list(PRESETS))
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny preset on char3, stateful_gru and stateful_lstm: a minute on a CPU")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every architecture, e.g. --set data.batch_size=32")
+    parser.add_argument("--concurrency", type=int, default=2, help="architectures trained at once")
+    parser.add_argument("--experiment", default="charlm", help="MLflow experiment name")
+    parser.add_argument("--s3-endpoint-url", default=os.environ.get("CHARLM_S3_ENDPOINT_URL"),
+                        help="S3-compatible endpoint, e.g. MinIO (env CHARLM_S3_ENDPOINT_URL)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.arch = "tiny", ["char3", "stateful_gru", "stateful_lstm"]
+    overrides = {"*": RunConfig.parse_overrides(args.set)} if args.set else None
+    return charlm_pipeline(corpus_uri=args.corpus_uri, architectures=args.arch, preset_name=args.preset,
+                           overrides=overrides, concurrency=args.concurrency, experiment_name=args.experiment,
+                           s3_endpoint_url=args.s3_endpoint_url)
+
+
+if __name__ == "__main__":
+    main()
