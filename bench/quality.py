@@ -24,8 +24,11 @@ DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "niet
 
 class Print(Callback):
     def on_epoch_end(self, trainer, epoch, m):
-        print(f"epoch {epoch + 1:2d}  train {m['train_loss']:.4f}  val {m['val_loss']:.4f}  "
-              f"bpc {m['val_bpc']:.4f}  acc {m['val_accuracy']:.4f}  {m['chars_per_sec']:,.0f} chars/s", flush=True)
+        print(
+            f"epoch {epoch + 1:2d}  train {m['train_loss']:.4f}  val {m['val_loss']:.4f}  "
+            f"bpc {m['val_bpc']:.4f}  acc {m['val_accuracy']:.4f}  {m['chars_per_sec']:,.0f} chars/s",
+            flush=True,
+        )
 
 
 def main() -> None:

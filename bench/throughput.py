@@ -101,8 +101,10 @@ def main() -> None:
     t0 = time.perf_counter()
     reference = prepare_for(notebook("stateful_gru"), text)
     prepare_s = time.perf_counter() - t0
-    print(f"prepare corpus ({len(text):,} chars, split + vocabulary + encode): {prepare_s:.3f}s; "
-          f"train tensor {reference.train.dtype}, {reference.train.numel():,} elements")
+    print(
+        f"prepare corpus ({len(text):,} chars, split + vocabulary + encode): {prepare_s:.3f}s; "
+        f"train tensor {reference.train.dtype}, {reference.train.numel():,} elements"
+    )
     results = {"prepare_seconds": prepare_s, "torch_threads": torch.get_num_threads(), "architectures": {}}
     for arch in args.arch:
         # Fixed bptt so both loops see the same batch shapes; no progress bar.
@@ -115,12 +117,18 @@ def main() -> None:
             bare.append(bare_loop(config, corpus, args.steps, args.warmup, device))
         ratio = statistics.median(lib) / statistics.median(bare)
         ratios = [a / b for a, b in zip(lib, bare)]
-        print(f"{arch} on {device} (batch {config.data.batch_size}, bptt {config.data.context}, "
-              f"hidden {config.model.hidden_size}x{config.model.num_layers}): "
-              f"library {statistics.median(lib):,.0f} chars/s, bare {statistics.median(bare):,.0f} chars/s, "
-              f"ratio of medians {ratio:.3f} (per-trial ratios {', '.join(f'{r:.3f}' for r in ratios)})")
-        results["architectures"][arch] = {"device": str(device), "library_chars_per_sec": lib,
-                                          "bare_chars_per_sec": bare, "ratio_of_medians": ratio}
+        print(
+            f"{arch} on {device} (batch {config.data.batch_size}, bptt {config.data.context}, "
+            f"hidden {config.model.hidden_size}x{config.model.num_layers}): "
+            f"library {statistics.median(lib):,.0f} chars/s, bare {statistics.median(bare):,.0f} chars/s, "
+            f"ratio of medians {ratio:.3f} (per-trial ratios {', '.join(f'{r:.3f}' for r in ratios)})"
+        )
+        results["architectures"][arch] = {
+            "device": str(device),
+            "library_chars_per_sec": lib,
+            "bare_chars_per_sec": bare,
+            "ratio_of_medians": ratio,
+        }
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -137,18 +137,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     text = read_corpus(_corpus_path(args.corpus))
     _, valid_text = split_text(text, config.data.valid_fraction)
     tokens = loaded.vocab.encode(valid_text)
+    batch_size = args.batch_size or config.data.batch_size
+    context = args.context or config.data.context
+    if loaded.model.layout == "window" and context != config.data.context:
+        raise CliError(f"{config.architecture} reads windows of {config.data.context} characters: drop --context")
     layout = make_layout(
-        loaded.model.layout,
-        tokens,
-        batch_size=config.data.batch_size,
-        context=config.data.context,
-        name="validation split",
-        even=False,
+        loaded.model.layout, tokens, batch_size=batch_size, context=context, name="validation split", even=False
     )
     _print_json(
         {
             "checkpoint": args.checkpoint,
             "architecture": config.architecture,
+            "batch_size": batch_size,
+            "context": context,
             **evaluate(loaded.model, layout, loaded.device),
         }
     )

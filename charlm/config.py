@@ -160,7 +160,6 @@ class RunConfig(_Strict):
             node[leaf] = value
         return RunConfig.model_validate(data)
 
-
     @staticmethod
     def parse_overrides(items: list[str]) -> dict[str, Any]:
         """``["model.hidden_size=128"]`` → ``{"model.hidden_size": 128}``."""

@@ -360,7 +360,7 @@ class StreamLayout(Layout):
     """The stateful layout: ``batch_size`` contiguous columns read ``bptt`` steps at a time.
 
     With ``random_bptt`` each batch's length follows fastai: the base length is
-    ``bptt`` (95%) or ``bptt / 2`` (5%), then ``max(5, round(normal(base, 5)))``.
+    ``bptt`` (95%) or ``bptt / 2`` (5%), then ``max(5, int(normal(base, 5)))`` (int truncates, as in fastai).
     In a distributed run ``batch_size`` is the global batch: rank ``r`` owns rows
     ``r * B/W … (r+1) * B/W - 1``, and all ranks draw the same lengths.
     """
@@ -390,7 +390,7 @@ class StreamLayout(Layout):
             length = self.context
             if self.random_bptt and shuffle:
                 base = self.context if torch.rand((), generator=gen) < 0.95 else self.context / 2
-                length = max(5, int(round(float(torch.normal(float(base), 5.0, (), generator=gen)))))
+                length = max(5, int(float(torch.normal(float(base), 5.0, (), generator=gen))))  # int(), as fastai
             length = min(length, last - start)
             spans.append((start, length))
             start += length

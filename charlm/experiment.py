@@ -45,7 +45,7 @@ def prepare_artifacts(text: str, settings: dict[str, Any], out_dir: str | os.Pat
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     torch.save(prepared.train, out / "train.pt")
     torch.save(prepared.valid, out / "valid.pt")
-    return {"dir": str(out), "stats": stats}
+    return {"dir": str(out), "stats": stats, "prepared_at": time.time()}
 
 
 def load_prepared(directory: str | os.PathLike[str]) -> PreparedCorpus:
@@ -53,9 +53,11 @@ def load_prepared(directory: str | os.PathLike[str]) -> PreparedCorpus:
     missing = [f for f in PREPARED_FILES if not (d / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{d}: prepared artifacts missing: {', '.join(missing)}")
-    return PreparedCorpus(vocab=Vocabulary.load(d / "vocab.json"),
-                          train=torch.load(d / "train.pt", weights_only=True),
-                          valid=torch.load(d / "valid.pt", weights_only=True))
+    return PreparedCorpus(
+        vocab=Vocabulary.load(d / "vocab.json"),
+        train=torch.load(d / "train.pt", weights_only=True),
+        valid=torch.load(d / "valid.pt", weights_only=True),
+    )
 
 
 # --------------------------------------------------------------------------- tracking helpers
@@ -67,15 +69,23 @@ def log_corpus_input(run_id: str, corpus: FetchedCorpus) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    dataset = MetaDataset(source=resolve_dataset_source(corpus.uri), name=Path(corpus.uri).name or corpus.uri,
-                          digest=corpus.sha256[:36])
+    dataset = MetaDataset(
+        source=resolve_dataset_source(corpus.uri), name=Path(corpus.uri).name or corpus.uri, digest=corpus.sha256[:36]
+    )
     with mlflow.start_run(run_id=run_id, nested=True):
         mlflow.log_input(dataset, context="training", tags={"sha256": corpus.sha256, "size": str(corpus.size)})
 
 
-def train_architecture(config: RunConfig, prepared_dir: str, *, experiment_id: str, parent_run_id: str,
-                       corpus: FetchedCorpus, output_dir: str | os.PathLike[str],
-                       extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+def train_architecture(
+    config: RunConfig,
+    prepared_dir: str,
+    *,
+    experiment_id: str,
+    parent_run_id: str,
+    corpus: FetchedCorpus,
+    output_dir: str | os.PathLike[str],
+    extra_tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Train one architecture in a child MLflow run; returns its summary.
 
     The child run ends FINISHED only when training finished; any error marks it
@@ -88,17 +98,25 @@ def train_architecture(config: RunConfig, prepared_dir: str, *, experiment_id: s
 
     client = MlflowClient()
     arch = config.architecture
-    run = client.create_run(experiment_id, run_name=arch, tags={
-        "mlflow.parentRunId": parent_run_id, "charlm.architecture": arch, "charlm.corpus_sha256": corpus.sha256,
-        **(extra_tags or {})})
+    run = client.create_run(
+        experiment_id,
+        run_name=arch,
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "charlm.architecture": arch,
+            "charlm.corpus_sha256": corpus.sha256,
+            **(extra_tags or {}),
+        },
+    )
     run_id = run.info.run_id
     try:
         log_corpus_input(run_id, corpus)
         client.log_artifact(run_id, str(Path(prepared_dir) / "vocab.json"), artifact_path="data")
         client.log_artifact(run_id, str(Path(prepared_dir) / "stats.json"), artifact_path="data")
         tracker = MLflowTracker(run_id, client=client)
-        trainer = Trainer(config, load_prepared(prepared_dir), callbacks=[tracker],
-                          checkpoint_dir=Path(output_dir) / arch)
+        trainer = Trainer(
+            config, load_prepared(prepared_dir), callbacks=[tracker], checkpoint_dir=Path(output_dir) / arch
+        )
         started = time.perf_counter()
         result = trainer.fit()
         wall = time.perf_counter() - started
@@ -127,8 +145,16 @@ def train_architecture(config: RunConfig, prepared_dir: str, *, experiment_id: s
 # --------------------------------------------------------------------------- comparison
 
 
-COMPARISON_COLUMNS = ["architecture", "best_val_loss", "best_val_bpc", "parameters", "epochs", "chars_per_sec",
-                      "wall_time_s", "run_id"]
+COMPARISON_COLUMNS = [
+    "architecture",
+    "best_val_loss",
+    "best_val_bpc",
+    "parameters",
+    "epochs",
+    "chars_per_sec",
+    "wall_time_s",
+    "run_id",
+]
 
 
 def comparison_table(results: list[dict[str, Any]]):

@@ -73,18 +73,32 @@ class CharLMPyfunc(mlflow.pyfunc.PythonModel):
         params = params or {}
         outputs = []
         for row in frame.to_dict("records"):
+
             def get(name, default, cast, row=row):
                 value = row.get(name, params.get(name, default))
                 return default if value is None or value != value else cast(value)  # NaN -> default
 
-            outputs.append(self.model.generate(
-                str(row["prime"]), get("length", 200, int), temperature=get("temperature", 1.0, float),
-                top_k=get("top_k", None, int), seed=get("seed", None, int), on_unknown="unk"))
+            outputs.append(
+                self.model.generate(
+                    str(row["prime"]),
+                    get("length", 200, int),
+                    temperature=get("temperature", 1.0, float),
+                    top_k=get("top_k", None, int),
+                    seed=get("seed", None, int),
+                    on_unknown="unk",
+                )
+            )
         return outputs
 
 
-def log_checkpoint_model(checkpoint: str | os.PathLike[str], name: str, *, step: int = 0,
-                         tags: dict[str, Any] | None = None, params: dict[str, Any] | None = None):
+def log_checkpoint_model(
+    checkpoint: str | os.PathLike[str],
+    name: str,
+    *,
+    step: int = 0,
+    tags: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+):
     """Log a checkpoint as an MLflow 3 logged model (a pyfunc) in the active run."""
     return mlflow.pyfunc.log_model(
         name=name,
@@ -128,8 +142,9 @@ class MLflowTracker(Callback):
         from mlflow.entities import Metric
 
         now = _now_ms()
-        self.client.log_batch(self.run_id, metrics=[Metric("train_loss_step", loss, now, step),
-                                                    Metric("lr", lr, now, step)])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric("train_loss_step", loss, now, step), Metric("lr", lr, now, step)]
+        )
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -145,10 +160,15 @@ class MLflowTracker(Callback):
             cycle = int(kind.removeprefix("cycle-"))
             with mlflow.start_run(run_id=self.run_id, nested=True):
                 info = log_checkpoint_model(
-                    path, f"{trainer.config.architecture}-{kind}", step=int(metrics["epoch"]),
-                    tags={"charlm.kind": "sgdr-snapshot", "charlm.cycle": cycle,
-                          "charlm.architecture": trainer.config.architecture,
-                          "charlm.val_loss": metrics["val_loss"]},
+                    path,
+                    f"{trainer.config.architecture}-{kind}",
+                    step=int(metrics["epoch"]),
+                    tags={
+                        "charlm.kind": "sgdr-snapshot",
+                        "charlm.cycle": cycle,
+                        "charlm.architecture": trainer.config.architecture,
+                        "charlm.val_loss": metrics["val_loss"],
+                    },
                 )
             self.snapshot_model_ids[cycle] = info.model_id
 
@@ -156,10 +176,13 @@ class MLflowTracker(Callback):
         from mlflow.entities import Metric
 
         now = _now_ms()
-        self.client.log_batch(self.run_id, metrics=[
-            Metric("best_val_loss", result.best_val_loss, now, result.best_epoch),
-            Metric("wall_time_s", result.wall_time, now, 0),
-        ])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[
+                Metric("best_val_loss", result.best_val_loss, now, result.best_epoch),
+                Metric("wall_time_s", result.wall_time, now, 0),
+            ],
+        )
 
 
 def _now_ms() -> int:

@@ -14,21 +14,22 @@ import os
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Literal  # noqa: E402
+import argparse
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_table_artifact  # noqa: E402
-from prefect.futures import as_completed  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from charlm import experiment  # noqa: E402
-from charlm.config import PRESETS, RunConfig, preset  # noqa: E402
-from charlm.models import ARCHITECTURES  # noqa: E402
-from charlm.storage import DEFAULT_CORPUS_URI, FetchedCorpus, fetch_corpus  # noqa: E402
-from charlm.tracking import check_tracking_server  # noqa: E402
+from charlm import experiment
+from charlm.config import PRESETS, RunConfig, preset
+from charlm.models import ARCHITECTURES
+from charlm.storage import DEFAULT_CORPUS_URI, FetchedCorpus, fetch_corpus
+from charlm.tracking import check_tracking_server
 
 CORPUS_URI_ENV = "CHARLM_CORPUS_URI"
 HOME_ENV = "CHARLM_HOME"
@@ -50,7 +51,9 @@ def fetch(uri: str, endpoint_url: str | None = None) -> FetchedCorpus:
 
 
 def _prepare_key(context, parameters: dict[str, Any]) -> str:
-    return "charlm-prepare-" + experiment.preparation_key(parameters["sha256"], parameters["settings"])
+    """Corpus digest + preparation settings (+ where the artifacts live): unchanged corpus → cache hit."""
+    root = hashlib.sha256(str(parameters["root"]).encode()).hexdigest()[:8]
+    return f"charlm-prepare-{experiment.preparation_key(parameters['sha256'], parameters['settings'])}-{root}"
 
 
 @task(name="prepare-corpus", cache_key_fn=_prepare_key, persist_result=True)
@@ -63,10 +66,17 @@ def prepare(text: str, sha256: str, settings: dict[str, Any], root: str) -> dict
 
 
 @task(name="train-architecture")
-def train(config: RunConfig, prepared_dir: str, experiment_id: str, parent_run_id: str, corpus: FetchedCorpus,
-          output_dir: str) -> dict[str, Any]:
-    return experiment.train_architecture(config, prepared_dir, experiment_id=experiment_id,
-                                         parent_run_id=parent_run_id, corpus=corpus, output_dir=output_dir)
+def train(
+    config: RunConfig, prepared_dir: str, experiment_id: str, parent_run_id: str, corpus: FetchedCorpus, output_dir: str
+) -> dict[str, Any]:
+    return experiment.train_architecture(
+        config,
+        prepared_dir,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        corpus=corpus,
+        output_dir=output_dir,
+    )
 
 
 @task(name="compare-architectures")
@@ -82,16 +92,18 @@ def compare(results: list[dict[str, Any]], parent_run_id: str, output_dir: str) 
     client.log_artifact(parent_run_id, str(csv_path), artifact_path="comparison")
     client.log_artifact(parent_run_id, str(png_path), artifact_path="comparison")
     records = table.round(4).to_dict("records")
-    create_table_artifact(table=records, key="charlm-comparison",
-                          description="Architectures ranked by best validation loss (nats/char)")
+    create_table_artifact(
+        table=records, key="charlm-comparison", description="Architectures ranked by best validation loss (nats/char)"
+    )
     return records
 
 
 # --------------------------------------------------------------------------- flow
 
 
-def build_configs(architectures: list[str], preset_name: str,
-                  overrides: dict[str, dict[str, Any]] | None) -> list[RunConfig]:
+def build_configs(
+    architectures: list[str], preset_name: str, overrides: dict[str, dict[str, Any]] | None
+) -> list[RunConfig]:
     """Validate the flow's parameters into one RunConfig per architecture (before any work)."""
     if not architectures:
         raise ValueError("architectures: give at least one")
@@ -144,16 +156,22 @@ def charlm_pipeline(
 
     client = MlflowClient()
     exp = mlflow.set_experiment(experiment_name)
-    parent = client.create_run(exp.experiment_id, run_name=f"pipeline-{flow_run.get_name() or 'local'}", tags={
-        "prefect.flow_run_id": run_id, "charlm.corpus_sha256": corpus.sha256, "charlm.corpus_uri": corpus.uri,
-        "charlm.kind": "pipeline"})
+    parent = client.create_run(
+        exp.experiment_id,
+        run_name=f"pipeline-{flow_run.get_name() or 'local'}",
+        tags={
+            "prefect.flow_run_id": run_id,
+            "charlm.corpus_sha256": corpus.sha256,
+            "charlm.corpus_uri": corpus.uri,
+            "charlm.kind": "pipeline",
+        },
+    )
     parent_id = parent.info.run_id
     try:
         experiment.log_corpus_input(parent_id, corpus)
         client.log_param(parent_id, "architectures", ",".join(architectures))
         client.log_param(parent_id, "preset", preset_name)
-        results, failures = _train_all(configs, prepared, corpus, exp.experiment_id, parent_id, output_dir,
-                                       concurrency)
+        results, failures = _train_all(configs, prepared, corpus, exp.experiment_id, parent_id, output_dir, concurrency)
         if failures:
             raise RuntimeError(f"{len(failures)} architecture(s) failed: " + "; ".join(failures))
         table = compare(results, parent_id, str(output_dir))
@@ -164,9 +182,17 @@ def charlm_pipeline(
     client.set_tag(parent_id, "charlm.best_architecture", best["architecture"])
     client.log_metric(parent_id, "best_val_loss", best["best_val_loss"])
     client.set_terminated(parent_id, status="FINISHED")
-    summary = {"parent_run_id": parent_id, "experiment_id": exp.experiment_id, "tracking_uri": uri,
-               "corpus": corpus.describe(), "best": best, "table": table, "results": results,
-               "output_dir": str(output_dir)}
+    summary = {
+        "parent_run_id": parent_id,
+        "experiment_id": exp.experiment_id,
+        "tracking_uri": uri,
+        "corpus": corpus.describe(),
+        "best": best,
+        "table": table,
+        "results": results,
+        "output_dir": str(output_dir),
+        "prepared": prepared,
+    }
     print(format_summary(summary))
     return summary
 
@@ -179,8 +205,9 @@ def _train_all(configs, prepared, corpus, experiment_id, parent_id, output_dir, 
         while queue and len(running) < concurrency:
             config = queue.pop(0)
             key = experiment.preparation_key(corpus.sha256, experiment.preparation_settings(config))
-            running.append(train.submit(config, prepared[key]["dir"], experiment_id, parent_id, corpus,
-                                        str(output_dir)))
+            running.append(
+                train.submit(config, prepared[key]["dir"], experiment_id, parent_id, corpus, str(output_dir))
+            )
         done = next(as_completed(running))
         running.remove(done)
         try:
@@ -196,38 +223,70 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = ["", "charlm pipeline finished", ""]
     lines.append(f"{'architecture':<18} {'val_loss':>9} {'val_bpc':>8} {'params':>9} {'epochs':>6} {'chars/s':>9}")
     for row in summary["table"]:
-        lines.append(f"{row['architecture']:<18} {row['best_val_loss']:>9.4f} {row['best_val_bpc']:>8.4f} "
-                     f"{row['parameters']:>9,} {row['epochs']:>6} {row['chars_per_sec']:>9,.0f}")
+        lines.append(
+            f"{row['architecture']:<18} {row['best_val_loss']:>9.4f} {row['best_val_bpc']:>8.4f} "
+            f"{row['parameters']:>9,} {row['epochs']:>6} {row['chars_per_sec']:>9,.0f}"
+        )
     best = summary["best"]
-    lines += ["", f"best: {best['architecture']} with validation loss {best['best_val_loss']:.4f} nats/char",
-              f"MLflow: experiment {summary['experiment_id']}, parent run {summary['parent_run_id']}",
-              f"MLflow UI: {ui}", f"outputs: {summary['output_dir']}"]
+    lines += [
+        "",
+        f"best: {best['architecture']} with validation loss {best['best_val_loss']:.4f} nats/char",
+        f"MLflow: experiment {summary['experiment_id']}, parent run {summary['parent_run_id']}",
+        f"MLflow UI: {ui}",
+        f"outputs: {summary['output_dir']}",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus-uri", default=os.environ.get(CORPUS_URI_ENV, DEFAULT_CORPUS_URI),
-                        help=f"s3://, https://, file:// or a path (env {CORPUS_URI_ENV}; default: %(default)s)")
-    parser.add_argument("--arch", nargs="+", default=list(ARCHITECTURES), metavar="ARCH",
-                        help="architectures to train (default: all ten)")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--corpus-uri",
+        default=os.environ.get(CORPUS_URI_ENV, DEFAULT_CORPUS_URI),
+        help=f"s3://, https://, file:// or a path (env {CORPUS_URI_ENV}; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--arch",
+        nargs="+",
+        default=list(ARCHITECTURES),
+        metavar="ARCH",
+        help="architectures to train (default: all ten)",
+    )
     parser.add_argument("--preset", default="notebook", choices=list(PRESETS))
-    parser.add_argument("--quick", action="store_true",
-                        help="the tiny preset on char3, stateful_gru and stateful_lstm: a minute on a CPU")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every architecture, e.g. --set data.batch_size=32")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the tiny preset on char3, stateful_gru and stateful_lstm: a minute on a CPU",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every architecture, e.g. --set data.batch_size=32",
+    )
     parser.add_argument("--concurrency", type=int, default=2, help="architectures trained at once")
     parser.add_argument("--experiment", default="charlm", help="MLflow experiment name")
-    parser.add_argument("--s3-endpoint-url", default=os.environ.get("CHARLM_S3_ENDPOINT_URL"),
-                        help="S3-compatible endpoint, e.g. MinIO (env CHARLM_S3_ENDPOINT_URL)")
+    parser.add_argument(
+        "--s3-endpoint-url",
+        default=os.environ.get("CHARLM_S3_ENDPOINT_URL"),
+        help="S3-compatible endpoint, e.g. MinIO (env CHARLM_S3_ENDPOINT_URL)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.arch = "tiny", ["char3", "stateful_gru", "stateful_lstm"]
     overrides = {"*": RunConfig.parse_overrides(args.set)} if args.set else None
-    return charlm_pipeline(corpus_uri=args.corpus_uri, architectures=args.arch, preset_name=args.preset,
-                           overrides=overrides, concurrency=args.concurrency, experiment_name=args.experiment,
-                           s3_endpoint_url=args.s3_endpoint_url)
+    return charlm_pipeline(
+        corpus_uri=args.corpus_uri,
+        architectures=args.arch,
+        preset_name=args.preset,
+        overrides=overrides,
+        concurrency=args.concurrency,
+        experiment_name=args.experiment,
+        s3_endpoint_url=args.s3_endpoint_url,
+    )
 
 
 if __name__ == "__main__":

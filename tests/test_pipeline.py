@@ -1,0 +1,180 @@
+"""End to end: a real S3 server (moto), a real `mlflow server` (PostgreSQL backend,
+artifacts in that S3) and Prefect's test harness; the flow trains three
+architectures with the tiny preset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import boto3
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import generated_text
+from tests.services import CREDENTIALS, mlflow_server, moto_server, postgres_database
+
+pytestmark = pytest.mark.integration
+
+ARCHS = ["char3", "stateful_gru", "stateful_lstm"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    work = tmp_path_factory.mktemp("stack")
+    saved = dict(os.environ)
+    os.environ.update(CREDENTIALS)
+    os.environ["CHARLM_HOME"] = str(work / "home")
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(work / "prefect-results")
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with moto_server() as s3_url, postgres_database() as db_uri:
+            s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1")
+            for bucket in ("corpora", "mlflow-artifacts"):
+                s3.create_bucket(Bucket=bucket)
+            s3.put_object(Bucket="corpora", Key="corpus.txt", Body=generated_text(1500, seed=1).encode())
+            s3.put_object(Bucket="corpora", Key="changed.txt", Body=generated_text(1500, seed=2).encode())
+            s3.put_object(Bucket="corpora", Key="latin1.txt", Body="déjà vu".encode("latin-1"))
+            with mlflow_server(db_uri, "s3://mlflow-artifacts/", work, s3_endpoint=s3_url) as tracking:
+                os.environ["MLFLOW_TRACKING_URI"] = tracking
+                with prefect_test_harness(server_startup_timeout=180):
+                    yield {"s3_url": s3_url, "s3": s3, "tracking": tracking, "home": work / "home"}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_flow(stack, key="corpus.txt", **kwargs):
+    from flows.pipeline import charlm_pipeline
+
+    params = {
+        "corpus_uri": f"s3://corpora/{key}",
+        "architectures": ARCHS,
+        "preset_name": "tiny",
+        "concurrency": 2,
+        "experiment_name": "e2e",
+        "s3_endpoint_url": stack["s3_url"],
+        **kwargs,
+    }
+    return charlm_pipeline(**params)
+
+
+@pytest.fixture(scope="module")
+def first_run(stack):
+    return run_flow(stack)
+
+
+def test_parent_and_child_runs(stack, first_run):
+    client = MlflowClient(stack["tracking"])
+    parent = client.get_run(first_run["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["charlm.corpus_sha256"] == first_run["corpus"]["sha256"]
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.inputs.dataset_inputs[0].dataset.digest == first_run["corpus"]["sha256"][:36]
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(c.data.tags["charlm.architecture"] for c in children) == sorted(ARCHS)
+    assert all(c.info.status == "FINISHED" for c in children)
+    # Concurrency 2: the three child runs never all overlap.
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert spans[2][0] >= min(spans[0][1], spans[1][1])
+
+
+def test_metrics_at_steps_and_artifacts_in_s3(stack, first_run):
+    client = MlflowClient(stack["tracking"])
+    for result in first_run["results"]:
+        run_id = result["run_id"]
+        val = client.get_metric_history(run_id, "val_loss")
+        assert [m.step for m in val] == [1, 2, 3]
+        steps = [m.step for m in client.get_metric_history(run_id, "train_loss_step")]
+        assert len(steps) > 3 and steps == sorted(steps)
+        assert len(client.get_metric_history(run_id, "lr")) == len(steps)
+        run = client.get_run(run_id)
+        assert run.data.params["model.architecture"] == result["architecture"]
+        names = {a.path for a in client.list_artifacts(run_id, "checkpoints")} | {
+            a.path for a in client.list_artifacts(run_id, "data")
+        }
+        assert {"checkpoints/best.pt", "checkpoints/last.pt", "data/vocab.json"} <= names
+    keys = [o["Key"] for o in stack["s3"].list_objects_v2(Bucket="mlflow-artifacts")["Contents"]]
+    assert any(k.endswith("checkpoints/best.pt") for k in keys)
+    assert any(k.endswith("data/vocab.json") for k in keys)
+    parent_files = {a.path for a in client.list_artifacts(first_run["parent_run_id"], "comparison")}
+    assert parent_files == {"comparison/comparison.csv", "comparison/val_loss_curves.png"}
+    local = Path(client.download_artifacts(first_run["parent_run_id"], "comparison/val_loss_curves.png"))
+    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cycle_snapshots_are_logged_models(stack, first_run):
+    import mlflow
+
+    mlflow.set_tracking_uri(stack["tracking"])
+    exp_id = first_run["experiment_id"]
+    models = mlflow.search_logged_models(
+        experiment_ids=[exp_id], output_format="list", filter_string="tags.`charlm.kind` = 'sgdr-snapshot'"
+    )
+    by_arch: dict[str, list] = {}
+    for m in models:
+        by_arch.setdefault(m.tags["charlm.architecture"], []).append(m)
+    assert sorted(by_arch) == sorted(ARCHS)
+    for arch, snaps in by_arch.items():
+        assert sorted(m.tags["charlm.cycle"] for m in snaps) == ["0", "1"], arch
+        for m in snaps:
+            assert {x.key for x in m.metrics} >= {"val_loss"}
+    model = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    out = model.predict({"prime": ["the spirit "], "length": [30], "seed": [0]})
+    assert len(out[0]) == 30
+
+
+def test_comparison_table(first_run):
+    table = first_run["table"]
+    assert [r["architecture"] for r in table] == sorted(
+        ARCHS, key=lambda a: next(r["best_val_loss"] for r in first_run["results"] if r["architecture"] == a)
+    )
+    assert first_run["best"]["architecture"] == table[0]["architecture"]
+    assert all(r["parameters"] > 0 and r["epochs"] == 3 for r in table)
+
+
+def test_rerun_reuses_prepared_artifacts_and_changed_corpus_does_not(stack, first_run):
+    second = run_flow(stack, architectures=["char3", "stateful_gru"])
+    prepared = first_run["prepared"]
+    assert second["prepared"] == {k: v for k, v in prepared.items() if k in second["prepared"]}  # cached: same stamp
+    changed = run_flow(stack, key="changed.txt", architectures=["char3"])
+    assert changed["corpus"]["sha256"] != first_run["corpus"]["sha256"]
+    assert set(changed["prepared"]).isdisjoint(prepared)
+
+
+def _runs_in(stack, experiment="e2e"):
+    client = MlflowClient(stack["tracking"])
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("missing.txt", "s3://corpora/missing.txt: key 'missing.txt' not found"),
+        ("latin1.txt", "s3://corpora/latin1.txt: not UTF-8"),
+    ],
+)
+def test_bad_corpus_fails_clearly_and_logs_nothing(stack, first_run, key, message):
+    from charlm.data import CorpusError
+
+    before = len(_runs_in(stack))
+    with pytest.raises(CorpusError, match=message):
+        run_flow(stack, key=key)
+    assert len(_runs_in(stack)) == before
+
+
+def test_unreachable_tracking_server_fails_before_training(stack, monkeypatch):
+    from charlm.tracking import TrackingUnavailable
+    from tests.s3server import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    runs_dir = stack["home"] / "runs"
+    before = set(runs_dir.iterdir()) if runs_dir.exists() else set()
+    with pytest.raises(TrackingUnavailable, match="unreachable"):
+        run_flow(stack)
+    after = set(runs_dir.iterdir()) if runs_dir.exists() else set()
+    assert after == before  # nothing trained, nothing written
