@@ -1,7 +1,8 @@
 # The few verbs people type. Everything runs inside .venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CORPUS ?= ../shared/data/nietzsche.txt
+# The notebook's public object; the shared local copy when this checkout has one (offline machines).
+CORPUS_URI ?= $(if $(wildcard ../shared/data/nietzsche.txt),../shared/data/nietzsche.txt,s3://text-datasets/nietzsche.txt)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup run test lint bench clean
@@ -13,8 +14,8 @@ setup: $(PY)  ## create .venv, install torch for this host, then the project
 	PIP="$(PY) -m pip" scripts/install-torch.sh
 	$(PY) -m pip install -q -e ".[pipeline,dev]"
 
-run: setup  ## the main job: train stateful_gru with the notebook's settings
-	$(VENV)/bin/charlm train --arch stateful_gru --corpus $(CORPUS) --out runs/stateful_gru $(ARGS)
+run: setup  ## the main job: the Prefect pipeline on the embedded defaults (ephemeral Prefect, local MLflow)
+	$(PY) -m flows.pipeline --corpus-uri $(CORPUS_URI) $(ARGS)
 
 test: setup  ## the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -25,6 +26,8 @@ lint:
 
 bench:
 	$(PY) bench/throughput.py
+	$(PY) bench/quality.py
+	$(PY) bench/pipeline_overhead.py
 
 clean:
-	rm -rf $(VENV) runs mlruns mlflow.db .pytest_cache
+	rm -rf $(VENV) runs mlruns mlflow.db .charlm .pytest_cache

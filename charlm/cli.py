@@ -128,40 +128,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from charlm.data import make_layout, read_corpus, split_text
-    from charlm.generate import LoadedModel
-    from charlm.training import evaluate
+    from charlm.data import read_corpus
 
-    loaded = LoadedModel.from_checkpoint(args.checkpoint, device=args.device or "auto")
-    config = loaded.config
+    loaded = _load_model(args)
     text = read_corpus(_corpus_path(args.corpus))
-    _, valid_text = split_text(text, config.data.valid_fraction)
-    tokens = loaded.vocab.encode(valid_text)
-    batch_size = args.batch_size or config.data.batch_size
-    context = args.context or config.data.context
-    if loaded.model.layout == "window" and context != config.data.context:
-        raise CliError(f"{config.architecture} reads windows of {config.data.context} characters: drop --context")
-    layout = make_layout(
-        loaded.model.layout, tokens, batch_size=batch_size, context=context, name="validation split", even=False
-    )
-    _print_json(
-        {
-            "checkpoint": args.checkpoint,
-            "architecture": config.architecture,
-            "batch_size": batch_size,
-            "context": context,
-            **evaluate(loaded.model, layout, loaded.device),
-        }
-    )
+    metrics = loaded.evaluate_text(text, batch_size=args.batch_size, context=args.context)
+    _print_json({"model": args.checkpoint or args.model, "architecture": loaded.config.architecture, **metrics})
+
+
+def _load_model(args: argparse.Namespace):
+    from charlm.generate import LoadedModel
+
+    if bool(args.checkpoint) == bool(args.model):
+        raise CliError("give either --checkpoint PATH or --model MODEL_URI")
+    if args.checkpoint:
+        return LoadedModel.from_checkpoint(args.checkpoint, device=args.device or "auto")
+    from charlm.tracking import load_registered
+
+    return load_registered(args.model)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from charlm.generate import LoadedModel
-
-    if args.checkpoint:
-        loaded = LoadedModel.from_checkpoint(args.checkpoint, device=args.device or "auto")
-    else:
-        raise CliError("give --checkpoint PATH")
+    loaded = _load_model(args)
     on_unknown = "unk" if args.allow_unknown else "error"
     if args.next_char:
         print(loaded.next_char(args.prime, on_unknown=on_unknown))
@@ -170,6 +158,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.prime, args.length, temperature=args.temperature, top_k=args.top_k, seed=args.seed, on_unknown=on_unknown
     )
     print(args.prime + text)
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from charlm import registry
+
+    if args.rollback:
+        _print_json(registry.rollback(args.model_name).as_dict())
+        return
+    if not args.run:
+        raise CliError("give --run PARENT_RUN_ID (or --rollback)")
+    from charlm.experiment import promote_run
+
+    text = None
+    if args.corpus or os.environ.get(CORPUS_ENV):
+        from charlm.data import read_corpus
+
+        text = read_corpus(_corpus_path(args.corpus))
+    _print_json(promote_run(args.run, model_name=args.model_name, margin=args.margin, corpus_text=text).as_dict())
 
 
 def cmd_vocab(args: argparse.Namespace) -> None:
@@ -240,8 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="validation loss, bits/char and accuracy of a checkpoint on a corpus")
-    p.add_argument("checkpoint")
+    def add_model_source(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", help="a checkpoint file written by 'charlm train'")
+        p.add_argument("--model", help="an MLflow model URI, e.g. models:/charlm@champion (uses MLFLOW_TRACKING_URI)")
+
+    p = sub.add_parser("evaluate", help="validation loss, bits/char and accuracy of a model on a corpus")
+    add_model_source(p)
     p.add_argument("--corpus", help="UTF-8 text file (its validation split is used)")
     p.add_argument(
         "--batch-size",
@@ -254,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="sample text from a trained model")
-    p.add_argument("--checkpoint", help="a checkpoint file written by 'charlm train'")
+    add_model_source(p)
     p.add_argument("--prime", required=True, help="priming text")
     p.add_argument("-n", "--length", type=int, default=400, help="characters to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
@@ -268,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("promote", help="promote a pipeline run's best model in the MLflow registry, or roll back")
+    p.add_argument("--run", metavar="PARENT_RUN_ID", help="the pipeline's parent MLflow run")
+    p.add_argument("--corpus", help="the corpus that run trained on (to re-evaluate a champion trained on another)")
+    p.add_argument("--model-name", default="charlm", help="registered model name (default: %(default)s)")
+    p.add_argument("--margin", type=float, default=0.0, help="required improvement over the champion (nats/char)")
+    p.add_argument("--rollback", action="store_true", help="restore the 'previous' version as champion")
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("vocab", help="build the vocabulary of a corpus's training split as JSON")
     p.add_argument("--corpus")

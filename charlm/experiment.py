@@ -183,3 +183,44 @@ def plot_validation_curves(results: list[dict[str, Any]], path: str | os.PathLik
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+def promote_run(parent_run_id: str, *, model_name: str = "charlm", margin: float = 0.0, corpus_text: str | None = None):
+    """Promote the best candidate of a finished pipeline run (see :func:`charlm.registry.promote`).
+
+    ``corpus_text`` is the run's corpus, needed only to re-evaluate a champion that was
+    trained on another corpus.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from charlm import registry
+    from charlm.tracking import load_registered
+
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    sha256 = parent.data.tags["charlm.corpus_sha256"]
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    candidates = registry.candidates_of(parent.info.experiment_id, [c.info.run_id for c in children])
+    if not candidates:
+        raise ValueError(f"run {parent_run_id}: no candidate models (best checkpoints or snapshots) were logged")
+
+    def reevaluate(version) -> float:
+        if corpus_text is None:
+            raise ValueError("the champion was trained on another corpus: give the corpus to re-evaluate it")
+        loaded = load_registered(f"models:/{model_name}/{version.version}")
+        return loaded.evaluate_text(corpus_text)["val_loss"]
+
+    return registry.promote(
+        candidates[0],
+        corpus_sha256=sha256,
+        model_name=model_name,
+        margin=margin,
+        reevaluate=reevaluate,
+        parent_run_id=parent_run_id,
+        client=client,
+    )

@@ -43,6 +43,28 @@ class LoadedModel:
         device = resolve_device(device) if device == "auto" else torch.device(device)
         return cls.from_payload(load_checkpoint(path, map_location=device), device)
 
+    def evaluate_text(self, text: str, *, batch_size: int | None = None, context: int | None = None) -> dict:
+        """Validation metrics on the validation split of ``text`` (this model's split fraction and
+        vocabulary; unseen characters count as unknown). Stateful models read ``batch_size``
+        columns, each from a zero state; the default is the training batch size, as the notebook did."""
+        from charlm.data import make_layout, split_text
+        from charlm.training import evaluate
+
+        data = self.config.data
+        context = context or data.context
+        if self.model.layout == "window" and context != data.context:
+            raise ValueError(f"{self.config.architecture} reads windows of {data.context} characters, not {context}")
+        _, valid_text = split_text(text, data.valid_fraction)
+        layout = make_layout(
+            self.model.layout,
+            self.vocab.encode(valid_text),
+            batch_size=batch_size or data.batch_size,
+            context=context,
+            name="validation split",
+            even=False,
+        )
+        return {"batch_size": layout.batch_size, "context": context, **evaluate(self.model, layout, self.device)}
+
     # ------------------------------------------------------------------ encoding
 
     def _encode_prime(self, prime: str, on_unknown: str) -> list[int]:

@@ -91,6 +91,12 @@ class CharLMPyfunc(mlflow.pyfunc.PythonModel):
         return outputs
 
 
+def load_registered(model_uri: str):
+    """The :class:`~charlm.generate.LoadedModel` behind an MLflow model URI
+    (``models:/charlm@champion``, ``models:/m-…``, ``runs:/…``)."""
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+
+
 def log_checkpoint_model(
     checkpoint: str | os.PathLike[str],
     name: str,
@@ -125,6 +131,7 @@ class MLflowTracker(Callback):
         self.client = client or MlflowClient()
         self.log_snapshots = log_snapshots
         self.snapshot_model_ids: dict[int, str] = {}
+        self.best_model_id: str | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.step:  # a resumed run already logged its parameters

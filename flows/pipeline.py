@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -98,6 +98,27 @@ def compare(results: list[dict[str, Any]], parent_run_id: str, output_dir: str) 
     return records
 
 
+@task(name="promote-best")
+def promote(parent_run_id: str, model_name: str, margin: float, corpus_text: str) -> dict[str, Any]:
+    """Register the run's best model; champion only if it beats the champion (decision logged)."""
+    decision = experiment.promote_run(
+        parent_run_id, model_name=model_name, margin=margin, corpus_text=corpus_text
+    ).as_dict()
+    outcome = "**promoted to champion**" if decision["promoted"] else "kept as **challenger**"
+    candidate = decision["candidate"]
+    create_markdown_artifact(
+        key="charlm-promotion",
+        markdown=(
+            f"### {model_name} v{decision['version']}: {outcome}\n\n"
+            f"- candidate: {candidate.get('architecture')} ({candidate.get('kind')}), "
+            f"val loss {candidate.get('val_loss', float('nan')):.4f}\n- reason: {decision['reason']}\n"
+        ),
+        description="Model registry decision",
+    )
+    get_run_logger().info("promotion: %s v%s — %s", model_name, decision["version"], decision["reason"])
+    return decision
+
+
 # --------------------------------------------------------------------------- flow
 
 
@@ -131,6 +152,10 @@ def charlm_pipeline(
     concurrency: int = 2,
     experiment_name: str = "charlm",
     s3_endpoint_url: str | None = None,
+    promote_best: bool = True,
+    model_name: str = "charlm",
+    promotion_margin: float = 0.0,
+    skip_if_unchanged: bool = False,
 ) -> dict[str, Any]:
     """Train and compare architectures on a corpus; see the module docstring."""
     import mlflow
@@ -142,6 +167,16 @@ def charlm_pipeline(
     uri = check_tracking_server()  # an unreachable tracking server fails here, before any work
     mlflow.set_tracking_uri(uri)
     corpus = fetch(corpus_uri, s3_endpoint_url)
+    if skip_if_unchanged:
+        from charlm.registry import CHAMPION, alias_version
+
+        champion = alias_version(MlflowClient(), model_name, CHAMPION)
+        if champion is not None and champion.tags.get("charlm.corpus_sha256") == corpus.sha256:
+            print(
+                f"corpus {corpus.sha256[:12]} unchanged and {model_name} v{champion.version} (champion) "
+                "was trained on it: skipping training"
+            )
+            return {"skipped": True, "corpus": corpus.describe(), "champion_version": champion.version}
 
     home = charlm_home()
     run_id = str(flow_run.get_id() or "local")
@@ -175,6 +210,7 @@ def charlm_pipeline(
         if failures:
             raise RuntimeError(f"{len(failures)} architecture(s) failed: " + "; ".join(failures))
         table = compare(results, parent_id, str(output_dir))
+        decision = promote(parent_id, model_name, promotion_margin, corpus.text) if promote_best else None
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
@@ -192,6 +228,8 @@ def charlm_pipeline(
         "results": results,
         "output_dir": str(output_dir),
         "prepared": prepared,
+        "promotion": decision,
+        "skipped": False,
     }
     print(format_summary(summary))
     return summary
@@ -235,6 +273,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"MLflow UI: {ui}",
         f"outputs: {summary['output_dir']}",
     ]
+    if summary.get("promotion"):
+        d = summary["promotion"]
+        verdict = "is the new champion" if d["promoted"] else "stays challenger"
+        lines.append(f"registry: {d['model_name']} v{d['version']} {verdict} ({d['reason']})")
     return "\n".join(lines)
 
 
@@ -269,6 +311,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--concurrency", type=int, default=2, help="architectures trained at once")
     parser.add_argument("--experiment", default="charlm", help="MLflow experiment name")
+    parser.add_argument("--model-name", default="charlm", help="registered model to promote into")
+    parser.add_argument("--margin", type=float, default=0.0, help="improvement needed to replace the champion")
+    parser.add_argument("--no-promote", action="store_true", help="train and compare only")
+    parser.add_argument(
+        "--skip-if-unchanged",
+        action="store_true",
+        help="skip training when the champion was trained on this exact corpus",
+    )
     parser.add_argument(
         "--s3-endpoint-url",
         default=os.environ.get("CHARLM_S3_ENDPOINT_URL"),
@@ -286,6 +336,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         concurrency=args.concurrency,
         experiment_name=args.experiment,
         s3_endpoint_url=args.s3_endpoint_url,
+        promote_best=not args.no_promote,
+        model_name=args.model_name,
+        promotion_margin=args.margin,
+        skip_if_unchanged=args.skip_if_unchanged,
     )
 
 
