@@ -69,23 +69,43 @@ def main() -> None:
 
     def pipeline(trial: int) -> float:
         t0 = time.perf_counter()
-        charlm_pipeline(corpus_uri=args.corpus, architectures=[args.arch], preset_name="notebook",
-                        overrides={"*": {"schedule": one_epoch}}, concurrency=1, experiment_name="overhead")
+        charlm_pipeline(
+            corpus_uri=args.corpus,
+            architectures=[args.arch],
+            preset_name="notebook",
+            overrides={"*": {"schedule": one_epoch}},
+            concurrency=1,
+            experiment_name="overhead",
+        )
         return time.perf_counter() - t0
 
     lib, flo = [], []
     for trial in range(args.trials):
         lib.append(library(trial))
         flo.append(pipeline(trial))
-        print(f"trial {trial + 1}: library {lib[-1]:.1f}s, pipeline {flo[-1]:.1f}s "
-              f"({flo[-1] / lib[-1] - 1:+.1%})", flush=True)
+        print(
+            f"trial {trial + 1}: library {lib[-1]:.1f}s, pipeline {flo[-1]:.1f}s ({flo[-1] / lib[-1] - 1:+.1%})",
+            flush=True,
+        )
     overhead = statistics.median(flo) / statistics.median(lib) - 1
-    print(f"{args.arch}, one epoch of {args.corpus}: library median {statistics.median(lib):.1f}s, "
-          f"pipeline median {statistics.median(flo):.1f}s -> overhead {overhead:+.1%} "
-          f"(Prefect ephemeral server start, once per process: {server_start:.1f}s)")
+    print(
+        f"{args.arch}, one epoch of {args.corpus}: library median {statistics.median(lib):.1f}s, "
+        f"pipeline median {statistics.median(flo):.1f}s -> overhead {overhead:+.1%} "
+        f"(Prefect ephemeral server start, once per process: {server_start:.1f}s)"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"arch": args.arch, "library_s": lib, "pipeline_s": flo,
-                                               "overhead": overhead, "server_start_s": server_start}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "arch": args.arch,
+                    "library_s": lib,
+                    "pipeline_s": flo,
+                    "overhead": overhead,
+                    "server_start_s": server_start,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

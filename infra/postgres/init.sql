@@ -1,0 +1,3 @@
+-- One database each for MLflow's and Prefect's state.
+CREATE DATABASE mlflow;
+CREATE DATABASE prefect;

@@ -1,0 +1,207 @@
+"""Promotion, the pyfunc and serving, against a real `mlflow server` on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from charlm import registry
+from charlm.config import tiny
+from charlm.tracking import log_checkpoint_model
+from charlm.training import Trainer, prepare_for
+from tests.conftest import generated_text
+from tests.s3server import free_port
+from tests.services import mlflow_server
+
+pytestmark = pytest.mark.integration
+NAME = "charlm-registry-test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("registry")
+    with mlflow_server(f"sqlite:///{work}/mlflow.db", str(work / "artifacts"), work) as url:
+        saved = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = url
+        mlflow.set_tracking_uri(url)
+        try:
+            yield {"url": url, "work": work}
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="module")
+def candidates(server):
+    """Three logged models of one tiny checkpoint; their val losses are set per candidate."""
+    config = tiny("stateful_gru")
+    out = server["work"] / "ckpt"
+    Trainer(config, prepare_for(config, generated_text()), checkpoint_dir=out).fit()
+    exp = mlflow.set_experiment("registry-test")
+    result = {}
+    with mlflow.start_run(experiment_id=exp.experiment_id) as run:
+        for label, loss in [("first", 1.0), ("worse", 1.2), ("better", 0.8)]:
+            info = log_checkpoint_model(out / "best.pt", f"cand-{label}", tags={"charlm.kind": "best"})
+            result[label] = registry.Candidate(
+                model_id=info.model_id, architecture="stateful_gru", kind="best", val_loss=loss, run_id=run.info.run_id
+            )
+    return result
+
+
+@pytest.fixture(scope="module")
+def served(candidates):
+    """A registered model of its own with a champion, for the loading and serving tests."""
+    name = f"{NAME}-served"
+    registry.promote(candidates["first"], corpus_sha256="aaa", model_name=name)
+    return name
+
+
+def aliases(client):
+    return {a: registry.alias_version(client, NAME, a) for a in ("champion", "challenger", "previous")}
+
+
+def version_of(v):
+    return None if v is None else v.version
+
+
+def test_champion_challenger_previous_and_rollback(server, candidates):
+    client = MlflowClient(server["url"])
+    first = registry.promote(candidates["first"], corpus_sha256="aaa", model_name=NAME)
+    assert first.promoted and first.reason == "no champion yet"
+    assert {k: version_of(v) for k, v in aliases(client).items()} == {
+        "champion": first.version,
+        "challenger": first.version,
+        "previous": None,
+    }
+
+    worse = registry.promote(candidates["worse"], corpus_sha256="aaa", model_name=NAME, margin=0.01)
+    assert not worse.promoted and "does not beat" in worse.reason
+    state = {k: version_of(v) for k, v in aliases(client).items()}
+    assert state == {"champion": first.version, "challenger": worse.version, "previous": None}
+    tags = client.get_model_version(NAME, worse.version).tags
+    assert tags["charlm.decision"] == "kept as challenger" and tags["charlm.reason"] == worse.reason
+
+    better = registry.promote(candidates["better"], corpus_sha256="aaa", model_name=NAME, margin=0.01)
+    assert better.promoted and "beats champion" in better.reason
+    assert {k: version_of(v) for k, v in aliases(client).items()} == {
+        "champion": better.version,
+        "challenger": better.version,
+        "previous": first.version,
+    }
+
+    back = registry.rollback(NAME)
+    assert back.version == first.version
+    assert {k: version_of(v) for k, v in aliases(client).items()} == {
+        "champion": first.version,
+        "challenger": better.version,
+        "previous": None,
+    }
+    with pytest.raises(ValueError, match="no 'previous' version"):
+        registry.rollback(NAME)
+
+
+def test_a_champion_from_another_corpus_is_re_evaluated(server, candidates):
+    seen = []
+
+    def reevaluate(version):
+        seen.append(version.version)
+        return 0.5  # the champion does well on the new data
+
+    decision = registry.promote(candidates["better"], corpus_sha256="bbb", model_name=NAME, reevaluate=reevaluate)
+    assert seen and not decision.promoted and "re-evaluated on corpus bbb" in decision.reason
+    with pytest.raises(ValueError, match="trained on another corpus"):
+        registry.promote(candidates["better"], corpus_sha256="ccc", model_name=NAME)
+
+
+def test_pyfunc_loads_in_a_fresh_process_and_the_cli_generates(server, served):
+    code = (
+        "import mlflow; m = mlflow.pyfunc.load_model('models:/%s@champion'); "
+        "print(m.predict({'prime': ['the '], 'length': [25], 'seed': [3]})[0])" % served
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"]}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(out.stdout.rstrip("\n")) == 25
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "charlm.cli",
+            "generate",
+            "--model",
+            f"models:/{served}@champion",
+            "--prime",
+            "for thos",
+            "-n",
+            "40",
+            "--seed",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert cli.stdout.startswith("for thos") and len(cli.stdout.strip()) >= 40
+
+
+def test_mlflow_models_serve_answers_http(server, served):
+    port = free_port()
+    # `mlflow models serve` execs uvicorn from PATH: the environment's bin directory, as when it is activated.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "PATH": path}
+    log_path = server["work"] / "serve.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{served}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        body = json.dumps({"dataframe_records": [{"prime": "the spirit ", "length": 30, "seed": 1}]}).encode()
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+                )
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError as err:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(f"mlflow models serve: {err}\n{log_path.read_text()[-3000:]}") from None
+                time.sleep(1)
+        assert len(answer["predictions"][0]) == 30
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=20)
+        log.close()
