@@ -178,3 +178,41 @@ def test_unreachable_tracking_server_fails_before_training(stack, monkeypatch):
         run_flow(stack)
     after = set(runs_dir.iterdir()) if runs_dir.exists() else set()
     assert after == before  # nothing trained, nothing written
+
+
+def test_promotion_and_skipping_an_unchanged_corpus(stack, first_run):
+    client = MlflowClient(stack["tracking"])
+    decision = first_run["promotion"]
+    version = client.get_model_version("charlm", decision["version"])
+    assert decision["promoted"] and decision["reason"] == "no champion yet"  # the first run of the registry
+    assert version.tags["charlm.decision"] == "promoted to champion"
+    assert version.tags["charlm.corpus_sha256"] == first_run["corpus"]["sha256"]
+    assert float(version.tags["charlm.val_loss"]) == pytest.approx(
+        min(r["best_val_loss"] for r in first_run["results"]), abs=1e-6
+    )
+    assert client.get_run(first_run["parent_run_id"]).data.tags["charlm.decision"] == "promoted to champion"
+
+    # Later runs may have moved the champion; skip on whichever corpus it was trained on.
+    champion = client.get_model_version_by_alias("charlm", "champion")
+    key = "corpus.txt" if champion.tags["charlm.corpus_sha256"] == first_run["corpus"]["sha256"] else "changed.txt"
+    before = len(_runs_in(stack))
+    skipped = run_flow(stack, key=key, skip_if_unchanged=True)
+    assert skipped["skipped"] and skipped["champion_version"] == champion.version
+    assert len(_runs_in(stack)) == before
+
+
+def test_nightly_deployment_is_created_with_its_schedule(stack):
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import nightly_deployment
+
+    deployment_id = nightly_deployment().apply()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+    assert deployment.name == "nightly"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert deployment.schedules[0].schedule.timezone == "UTC"
+    limit = deployment.global_concurrency_limit  # the deployment's limit lives in a global concurrency limit
+    assert limit is not None and limit.limit == 1
+    assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
+    assert deployment.parameters["skip_if_unchanged"] is True
