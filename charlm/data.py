@@ -296,21 +296,28 @@ class Layout:
 
 
 class _IndexedLayout(Layout):
-    """Shared by the window and sequence layouts: a set of examples, shuffled per epoch."""
+    """Shared by the window and sequence layouts: a set of examples, shuffled per epoch.
+
+    Distributed, ``batch_size`` is the global batch: each global batch of the epoch's
+    permutation is cut into ``world_size`` contiguous shares, one per rank, so W ranks
+    take the very steps one process would. The last, partial global batch is shared
+    evenly; the fewer than ``world_size`` examples that cannot be (``dropped_per_epoch``)
+    change with every epoch's permutation.
+    """
 
     def __init__(self, tokens: torch.Tensor, **kwargs) -> None:
         super().__init__(tokens, **kwargs)
+        if self.even and self.batch_size % self.world_size:
+            raise ValueError(
+                f"{self.name}: batch_size {self.batch_size} is not divisible by world_size {self.world_size}"
+            )
         total = self.num_examples()
-        per_rank = total // self.world_size
-        if per_rank < 1:
+        if total < self.world_size or total < 1:
             raise CorpusError(
                 f"{self.name}: {tokens.numel()} characters give {total} examples of {self.context} characters, "
                 f"too few for {self.world_size} rank(s)"
             )
-        self.examples_per_rank = per_rank
-        # Sharding keeps every rank's count equal; the remainder (< world_size) left out
-        # changes with every epoch's permutation, so no example is left out for good.
-        self.dropped_per_epoch = total - per_rank * self.world_size
+        self.dropped_per_epoch = (total % self.batch_size) % self.world_size if self.even else 0
 
     def num_examples(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -318,10 +325,14 @@ class _IndexedLayout(Layout):
     def plan(self, epoch: int, seed: int, shuffle: bool) -> list[torch.Tensor]:
         total = self.num_examples()
         order = torch.randperm(total, generator=_epoch_generator(seed, epoch)) if shuffle else torch.arange(total)
-        mine = order[self.rank :: self.world_size]
-        if self.even:
-            mine = mine[: self.examples_per_rank]
-        return list(mine.split(self.batch_size))
+        if not self.even:  # evaluation: every example exactly once, shares may differ by one
+            return list(order[self.rank :: self.world_size].split(self.batch_size))
+        shares = []
+        for chunk in order.split(self.batch_size):
+            share = chunk.numel() // self.world_size
+            if share:
+                shares.append(chunk[self.rank * share : (self.rank + 1) * share])
+        return shares
 
 
 class WindowLayout(_IndexedLayout):

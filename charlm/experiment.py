@@ -85,11 +85,15 @@ def train_architecture(
     corpus: FetchedCorpus,
     output_dir: str | os.PathLike[str],
     extra_tags: dict[str, str] | None = None,
+    distributed=None,
+    devices: list[int] | None = None,
 ) -> dict[str, Any]:
     """Train one architecture in a child MLflow run; returns its summary.
 
     The child run ends FINISHED only when training finished; any error marks it
-    FAILED (with the traceback as a tag) and is raised again.
+    FAILED (with the traceback as a tag) and is raised again. With ``distributed``
+    (a :class:`charlm.distributed.DistributedConfig`) training is a DDP job on
+    ``devices`` (GPU indices; None on CPU), rank 0 logging to the same child run.
     """
     from mlflow.tracking import MlflowClient
 
@@ -113,33 +117,61 @@ def train_architecture(
         log_corpus_input(run_id, corpus)
         client.log_artifact(run_id, str(Path(prepared_dir) / "vocab.json"), artifact_path="data")
         client.log_artifact(run_id, str(Path(prepared_dir) / "stats.json"), artifact_path="data")
-        tracker = MLflowTracker(run_id, client=client)
-        trainer = Trainer(
-            config, load_prepared(prepared_dir), callbacks=[tracker], checkpoint_dir=Path(output_dir) / arch
-        )
+        checkpoint_dir = Path(output_dir) / arch
         started = time.perf_counter()
-        result = trainer.fit()
+        if distributed is None:
+            tracker = MLflowTracker(run_id, client=client)
+            trainer = Trainer(config, load_prepared(prepared_dir), callbacks=[tracker], checkpoint_dir=checkpoint_dir)
+            fit = trainer.fit()
+            summary = {
+                "history": fit.history,
+                "best_val_loss": fit.best_val_loss,
+                "best_epoch": fit.best_epoch,
+                "parameters": fit.parameters,
+                "checkpoints": fit.checkpoints,
+                "snapshot_model_ids": {str(k): v for k, v in tracker.snapshot_model_ids.items()},
+            }
+        else:
+            from charlm.distributed import launch_training
+
+            summary = launch_training(
+                config,
+                prepared_dir,
+                checkpoint_dir,
+                dist=distributed,
+                devices=devices,
+                tracking={"tracking_uri": mlflow_tracking_uri(), "run_id": run_id},
+            )
         wall = time.perf_counter() - started
     except BaseException as err:
         client.set_tag(run_id, "charlm.error", "".join(traceback.format_exception_only(type(err), err))[:5000])
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
-    best = min(result.history, key=lambda h: h["val_loss"])
+    history = summary["history"]
+    best = min(history, key=lambda h: h["val_loss"])
     return {
         "architecture": arch,
         "run_id": run_id,
-        "best_val_loss": result.best_val_loss,
+        "best_val_loss": summary["best_val_loss"],
         "best_val_bpc": best["val_bpc"],
-        "best_epoch": result.best_epoch,
-        "parameters": result.parameters,
-        "epochs": len(result.history),
-        "chars_per_sec": sum(h["chars_per_sec"] for h in result.history) / len(result.history),
+        "best_epoch": summary["best_epoch"],
+        "parameters": summary["parameters"],
+        "epochs": len(history),
+        "chars_per_sec": sum(h["chars_per_sec"] for h in history) / len(history),
         "wall_time_s": wall,
-        "val_loss_curve": [h["val_loss"] for h in result.history],
-        "best_checkpoint": result.checkpoints.get("best"),
-        "snapshot_model_ids": {str(k): v for k, v in tracker.snapshot_model_ids.items()},
+        "val_loss_curve": [h["val_loss"] for h in history],
+        "best_checkpoint": summary["checkpoints"].get("best"),
+        "snapshot_model_ids": summary["snapshot_model_ids"],
+        "restarts": summary.get("restarts", 0),
+        "world_size": summary.get("world_size", 1),
     }
+
+
+def mlflow_tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 # --------------------------------------------------------------------------- comparison

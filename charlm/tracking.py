@@ -132,9 +132,14 @@ class MLflowTracker(Callback):
         self.log_snapshots = log_snapshots
         self.snapshot_model_ids: dict[int, str] = {}
         self.best_model_id: str | None = None
+        self._logged_step = self._logged_epoch = 0
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        if trainer.step:  # a resumed run already logged its parameters
+        if trainer.step:  # a resumed run: parameters are logged; skip what the failed attempt already logged
+            steps = self.client.get_metric_history(self.run_id, "train_loss_step")
+            epochs = self.client.get_metric_history(self.run_id, "val_loss")
+            self._logged_step = max((m.step for m in steps), default=0)
+            self._logged_epoch = max((m.step for m in epochs), default=0)
             return
         params = {k: str(v) for k, v in trainer.config.flat().items()}
         params["parameters"] = str(trainer.parameters)
@@ -148,6 +153,8 @@ class MLflowTracker(Callback):
     def on_step_end(self, trainer: Trainer, step: int, loss: float, lr: float) -> None:
         from mlflow.entities import Metric
 
+        if step <= self._logged_step:
+            return
         now = _now_ms()
         self.client.log_batch(
             self.run_id, metrics=[Metric("train_loss_step", loss, now, step), Metric("lr", lr, now, step)]
@@ -156,6 +163,8 @@ class MLflowTracker(Callback):
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
+        if epoch + 1 <= self._logged_epoch:
+            return
         now = _now_ms()
         names = ("train_loss", "train_bpc", "val_loss", "val_bpc", "val_accuracy", "chars_per_sec")
         self.client.log_batch(self.run_id, metrics=[Metric(n, float(metrics[n]), now, epoch + 1) for n in names])
@@ -190,6 +199,22 @@ class MLflowTracker(Callback):
                 Metric("wall_time_s", result.wall_time, now, 0),
             ],
         )
+        best = result.checkpoints.get("best")
+        if best and self.log_snapshots:  # the best checkpoint as a logged model: a promotion candidate
+            arch = trainer.config.architecture
+            with mlflow.start_run(run_id=self.run_id, nested=True):
+                info = log_checkpoint_model(
+                    best,
+                    f"{arch}-best",
+                    step=result.best_epoch,
+                    tags={
+                        "charlm.kind": "best",
+                        "charlm.architecture": arch,
+                        "charlm.val_loss": result.best_val_loss,
+                        "charlm.epoch": result.best_epoch,
+                    },
+                )
+            self.best_model_id = info.model_id
 
 
 def _now_ms() -> int:

@@ -308,7 +308,7 @@ class Trainer:
             if every and self.step % every == 0 and self.batch < len(plan):
                 self._train_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
-                self._write("last", {})
+                self._checkpoint_mid_epoch()
             if max_steps is not None and self.step >= max_steps and self.batch < len(plan):
                 self._train_seconds += time.perf_counter() - tick
                 return False
@@ -380,10 +380,24 @@ class Trainer:
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         return save_checkpoint(self.state_dict(), path)
 
-    def _write(self, kind: str, metrics: dict[str, float]) -> None:
+    def _checkpoint_mid_epoch(self) -> None:
+        """``last.pt`` in the middle of an epoch; every rank takes part (the running sums are global)."""
+        if self.checkpoint_dir is None:
+            return
+        sums = {"loss_sum": float(self._loss_sum), "chars": self._chars}
+        if self.dist.world_size > 1:
+            both = torch.tensor([sums["loss_sum"], float(sums["chars"])], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(both)
+            sums = {"loss_sum": both[0].item(), "chars": int(both[1].item())}
+        self._write("last", {}, epoch_sums=sums)
+
+    def _write(self, kind: str, metrics: dict[str, float], epoch_sums: dict[str, Any] | None = None) -> None:
         if self.checkpoint_dir is None or not self.dist.is_main:
             return
-        path = self.save_checkpoint(self.checkpoint_dir / f"{kind}.pt")
+        payload = self.state_dict()
+        if epoch_sums is not None:
+            payload["epoch_sums"].update(epoch_sums)
+        path = save_checkpoint(payload, self.checkpoint_dir / f"{kind}.pt")
         self.checkpoints[kind] = str(path)
         self._call("on_checkpoint", kind, path, metrics)
 
@@ -394,16 +408,21 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         progress = payload["progress"]
         self.step, self.epoch, self.batch = progress["step"], progress["epoch"], progress["batch"]
-        same_layout = payload.get("world_size", 1) == self.dist.world_size
-        self.state = _to_device(payload["state"], self.device) if same_layout and self.batch else None
+        single = self.dist.world_size == 1 and payload.get("world_size", 1) == 1
+        # The carried hidden state is rank 0's; in a distributed run every rank restarts its rows from zero.
+        self.state = _to_device(payload["state"], self.device) if single and self.batch else None
         sums = payload["epoch_sums"]
-        self._loss_sum = torch.tensor(sums["loss_sum"], device=self.device)
-        self._chars, self._train_seconds = sums["chars"], sums["train_seconds"]
+        # Mid-epoch sums are global (reduced before saving): rank 0 carries them, the others start at zero.
+        keep = self.dist.is_main
+        self._loss_sum = torch.tensor(sums["loss_sum"] if keep else 0.0, device=self.device)
+        self._chars, self._train_seconds = (sums["chars"] if keep else 0), sums["train_seconds"]
         self.history = list(payload["history"])
         self.best_val_loss, self.best_epoch = payload["best"]["val_loss"], payload["best"]["epoch"]
         torch.set_rng_state(payload["rng"]["torch"])
         if "cuda" in payload["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(payload["rng"]["cuda"], self.device)
+        if not single:  # rank 0's dropout stream was saved: give each rank its own again
+            torch.manual_seed(self.config.seed + 7919 * self.step + self.dist.rank)
 
     @classmethod
     def resume(cls, path: str | os.PathLike[str], corpus: PreparedCorpus, **kwargs: Any) -> Trainer:

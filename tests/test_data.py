@@ -162,12 +162,18 @@ def test_shuffled_window_epochs_cover_every_example_once():
     assert sorted(seen.tolist()) == list(range(100))
 
 
-def test_sharding_is_disjoint_and_even():
-    t = torch.arange(1000) % 250
-    parts = [make_layout("window", t, batch_size=8, context=4, rank=r, world_size=3) for r in range(3)]
-    plans = [torch.cat(p.plan(0, 0, True)) for p in parts]
-    assert len({len(p) for p in plans}) == 1
-    union = torch.cat(plans)
-    assert len(set(union.tolist())) == union.numel() == 996 - parts[0].dropped_per_epoch
+def test_sharding_splits_each_global_batch_across_ranks():
+    t = torch.arange(1003) % 250  # 999 windows of 4: 124 global batches of 8, then 7
+    single = make_layout("window", t, batch_size=8, context=4)
+    parts = [make_layout("window", t, batch_size=8, context=4, rank=r, world_size=2) for r in range(2)]
+    plans = [p.plan(0, 0, True) for p in parts]
+    assert len(plans[0]) == len(plans[1]) == len(single.plan(0, 0, True)) == 125  # same steps on every rank
+    for step, whole in enumerate(single.plan(0, 0, True)[:-1]):
+        assert torch.equal(torch.cat([plans[0][step], plans[1][step]]), whole)  # rank shares = the global batch
+    assert parts[0].dropped_per_epoch == 1 and plans[0][-1].numel() == 3
+    union = torch.cat([torch.cat(p) for p in plans])
+    assert len(set(union.tolist())) == union.numel() == 998
+    evaluation = [make_layout("window", t, batch_size=8, context=4, rank=r, world_size=2, even=False) for r in (0, 1)]
+    assert sorted(torch.cat([torch.cat(e.plan(0, 0, False)) for e in evaluation]).tolist()) == list(range(999))
     rows = [make_layout("stream", t, batch_size=4, context=5, rank=r, world_size=2).rows for r in range(2)]
     assert torch.equal(torch.cat(rows), t[:1000].view(4, 250))

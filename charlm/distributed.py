@@ -1,0 +1,166 @@
+"""Training as a torch DistributedDataParallel job, launched with torch's elastic launcher.
+
+:func:`launch_training` is torchrun inside a Python call (``elastic_launch`` with a
+c10d rendezvous): ``nproc_per_node`` workers on this node — NCCL on GPUs, gloo on
+CPU — plus, with ``nnodes > 1``, the same call (or ``torchrun -m charlm.ddp_worker``)
+on every other node with the same rendezvous endpoint and id. With
+``max_restarts > 0`` a failed worker group is restarted and resumes from its last
+checkpoint. Workers run :func:`charlm.ddp_worker.run` (a light module: spawned
+workers import it, never Prefect).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from charlm.config import RunConfig
+
+
+class DistributedConfig(BaseModel):
+    """How one architecture's training is distributed. Environment defaults: see :meth:`from_env`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nproc_per_node: int | None = Field(None, ge=1, description="None: the visible (or allotted) GPUs, 1 on CPU")
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str = Field("127.0.0.1:0", description="host:port of the c10d rendezvous; port 0 = pick one")
+    rdzv_id: str | None = Field(None, description="shared by every node of one job; generated when None")
+    max_restarts: int = Field(0, ge=0)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    threads_per_rank: int | None = Field(None, ge=1, description="torch threads per worker (CPU)")
+    monitor_interval: float = Field(0.5, gt=0)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> DistributedConfig:
+        """``CHARLM_NPROC_PER_NODE``, ``CHARLM_NNODES``, ``CHARLM_RDZV_ENDPOINT``, ``CHARLM_RDZV_ID``,
+        ``CHARLM_MAX_RESTARTS`` — the multi-node settings each node's worker sets."""
+        env = {
+            "nproc_per_node": os.environ.get("CHARLM_NPROC_PER_NODE"),
+            "nnodes": os.environ.get("CHARLM_NNODES"),
+            "rdzv_endpoint": os.environ.get("CHARLM_RDZV_ENDPOINT"),
+            "rdzv_id": os.environ.get("CHARLM_RDZV_ID"),
+            "max_restarts": os.environ.get("CHARLM_MAX_RESTARTS"),
+        }
+        return cls.model_validate({**{k: v for k, v in env.items() if v is not None}, **overrides})
+
+
+def default_nproc(devices: list[int] | None, backend: str) -> int:
+    if devices:
+        return len(devices)
+    if backend != "gloo" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def launch_training(
+    config: RunConfig,
+    prepared_dir: str | os.PathLike[str],
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    dist: DistributedConfig | None = None,
+    devices: list[int] | None = None,
+    tracking: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run the DDP job and return rank 0's summary.
+
+    ``devices``: the GPU indices this job may use (see :class:`GpuAllocator`);
+    ``tracking``: ``{"tracking_uri": …, "run_id": …}`` for rank 0's MLflow logging.
+    A worker failure with no restarts left raises torch's ``ChildFailedError``.
+    """
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from charlm import ddp_worker
+
+    dist = dist or DistributedConfig()
+    nproc = dist.nproc_per_node or default_nproc(devices, dist.backend)
+    if devices is not None and nproc > len(devices):
+        raise ValueError(f"{nproc} processes per node but only {len(devices)} GPU(s) allotted: {devices}")
+    spec = {
+        "config": config.model_dump(mode="json"),
+        "prepared_dir": str(prepared_dir),
+        "checkpoint_dir": str(checkpoint_dir),
+        "devices": devices,
+        "backend": dist.backend,
+        "threads_per_rank": dist.threads_per_rank,
+        "tracking": tracking,
+    }
+    launch = LaunchConfig(
+        min_nodes=dist.nnodes,
+        max_nodes=dist.nnodes,
+        nproc_per_node=nproc,
+        run_id=dist.rdzv_id or f"charlm-{uuid.uuid4().hex[:12]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=dist.rdzv_endpoint,
+        max_restarts=dist.max_restarts,
+        monitor_interval=dist.monitor_interval,
+        start_method="spawn",  # forked workers would inherit the orchestrator's signal handlers
+    )
+    results = elastic_launch(launch, entrypoint=ddp_worker.run)(json.dumps(spec))
+    return results.get(0, {})
+
+
+# --------------------------------------------------------------------------- GPU placement
+
+
+class GpuAllocator:
+    """Hands out disjoint sets of GPUs to concurrent training tasks on one host.
+
+    Each GPU is an exclusive ``flock`` on a file in ``lock_dir``, so the sets are
+    disjoint across threads and across processes (several flow runs on one host),
+    and a crashed holder's GPUs are freed by the kernel. ``devices`` defaults to
+    the visible CUDA devices; tests pass a simulated list.
+    """
+
+    def __init__(
+        self, devices: list[int] | None = None, lock_dir: str | os.PathLike[str] | None = None, poll: float = 0.5
+    ) -> None:
+        self.devices = list(range(torch.cuda.device_count())) if devices is None else list(devices)
+        self.lock_dir = Path(lock_dir or Path(tempfile.gettempdir()) / "charlm-gpu-locks")
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        self.poll = poll
+
+    def _try(self, count: int) -> tuple[list[int], list[Any]] | None:
+        taken, handles = [], []
+        for device in self.devices:
+            handle = open(self.lock_dir / f"gpu-{device}.lock", "a+")  # noqa: SIM115 - held while allotted
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            taken.append(device)
+            handles.append(handle)
+            if len(taken) == count:
+                return taken, handles
+        for handle in handles:
+            handle.close()
+        return None
+
+    @contextlib.contextmanager
+    def acquire(self, count: int, timeout: float | None = None) -> Iterator[list[int]]:
+        """Wait for ``count`` free GPUs, hold them for the ``with`` block, then free them."""
+        if count > len(self.devices):
+            raise ValueError(f"{count} GPUs requested per task but this host has {len(self.devices)}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (got := self._try(count)) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"no {count} free GPU(s) among {self.devices} after {timeout}s")
+            time.sleep(self.poll)
+        devices, handles = got
+        try:
+            yield devices
+        finally:
+            for handle in handles:
+                handle.close()
