@@ -15,18 +15,22 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import argparse
+import contextlib
 import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from charlm import experiment
 from charlm.config import PRESETS, RunConfig, preset
+from charlm.distributed import DistributedConfig, GpuAllocator
 from charlm.models import ARCHITECTURES
 from charlm.storage import DEFAULT_CORPUS_URI, FetchedCorpus, fetch_corpus
 from charlm.tracking import check_tracking_server
@@ -67,16 +71,26 @@ def prepare(text: str, sha256: str, settings: dict[str, Any], root: str) -> dict
 
 @task(name="train-architecture")
 def train(
-    config: RunConfig, prepared_dir: str, experiment_id: str, parent_run_id: str, corpus: FetchedCorpus, output_dir: str
+    config: RunConfig,
+    prepared_dir: str,
+    experiment_id: str,
+    parent_run_id: str,
+    corpus: FetchedCorpus,
+    output_dir: str,
+    distributed: DistributedConfig | None = None,
+    gpus_per_task: int | None = None,
 ) -> dict[str, Any]:
-    return experiment.train_architecture(
-        config,
-        prepared_dir,
-        experiment_id=experiment_id,
-        parent_run_id=parent_run_id,
-        corpus=corpus,
-        output_dir=output_dir,
-    )
+    """Train one architecture: in this process, or as a DDP job on an allotted set of GPUs."""
+    kwargs = dict(experiment_id=experiment_id, parent_run_id=parent_run_id, corpus=corpus, output_dir=output_dir)
+    if distributed is None:
+        return experiment.train_architecture(config, prepared_dir, **kwargs)
+    if gpus_per_task and torch.cuda.is_available():
+        with GpuAllocator().acquire(gpus_per_task) as devices:  # waits for a free, disjoint set
+            get_run_logger().info("%s: GPUs %s", config.architecture, devices)
+            return experiment.train_architecture(
+                config, prepared_dir, distributed=distributed, devices=devices, **kwargs
+            )
+    return experiment.train_architecture(config, prepared_dir, distributed=distributed, **kwargs)
 
 
 @task(name="compare-architectures")
@@ -156,6 +170,8 @@ def charlm_pipeline(
     model_name: str = "charlm",
     promotion_margin: float = 0.0,
     skip_if_unchanged: bool = False,
+    distributed: DistributedConfig | None = None,
+    gpus_per_task: int | None = None,
 ) -> dict[str, Any]:
     """Train and compare architectures on a corpus; see the module docstring."""
     import mlflow
@@ -206,7 +222,9 @@ def charlm_pipeline(
         experiment.log_corpus_input(parent_id, corpus)
         client.log_param(parent_id, "architectures", ",".join(architectures))
         client.log_param(parent_id, "preset", preset_name)
-        results, failures = _train_all(configs, prepared, corpus, exp.experiment_id, parent_id, output_dir, concurrency)
+        results, failures = _train_all(
+            configs, prepared, corpus, exp.experiment_id, parent_id, output_dir, concurrency, distributed, gpus_per_task
+        )
         if failures:
             raise RuntimeError(f"{len(failures)} architecture(s) failed: " + "; ".join(failures))
         table = compare(results, parent_id, str(output_dir))
@@ -235,7 +253,46 @@ def charlm_pipeline(
     return summary
 
 
-def _train_all(configs, prepared, corpus, experiment_id, parent_id, output_dir, concurrency):
+def submit_with_resources(task_, gpus: int | None, *args: Any):
+    """Submit ``task_``, declaring its GPUs to a distributed task runner's resource model:
+    Ray's ``num_gpus`` (prefect-ray) or a Dask worker resource ``GPU`` (prefect-dask)."""
+    runner = type(FlowRunContext.get().task_runner).__name__ if FlowRunContext.get() else ""
+    context: Any = contextlib.nullcontext()
+    if gpus and runner == "RayTaskRunner":
+        from prefect_ray.context import remote_options
+
+        context = remote_options(num_gpus=gpus)
+    elif gpus and runner == "DaskTaskRunner":
+        import dask
+
+        context = dask.annotate(resources={"GPU": gpus})
+    with context:
+        return task_.submit(*args)
+
+
+def make_task_runner(kind: str, address: str | None = None, concurrency: int = 16):
+    """``thread`` (default, one host), ``dask`` (prefect-dask) or ``ray`` (prefect-ray); ``address``
+    names an existing cluster (``tcp://scheduler:8786``, ``ray://head:10001``), else a local one starts."""
+    if kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=concurrency)
+    if kind == "dask":
+        # Dask workers are daemonic by default and could not start the DDP workers.
+        os.environ.setdefault("DASK_DISTRIBUTED__WORKER__DAEMON", "False")
+        from prefect_dask import DaskTaskRunner
+
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": concurrency, "threads_per_worker": 1, "processes": True})
+    if kind == "ray":
+        from prefect_ray import RayTaskRunner
+
+        return RayTaskRunner(address=address) if address else RayTaskRunner()
+    raise ValueError(f"task runner {kind!r}: expected thread, dask or ray")
+
+
+def _train_all(
+    configs, prepared, corpus, experiment_id, parent_id, output_dir, concurrency, distributed=None, gpus_per_task=None
+):
     """Submit at most ``concurrency`` training tasks at a time; the rest queue here."""
     queue = list(configs)
     running, results, failures = [], [], []
@@ -244,7 +301,18 @@ def _train_all(configs, prepared, corpus, experiment_id, parent_id, output_dir, 
             config = queue.pop(0)
             key = experiment.preparation_key(corpus.sha256, experiment.preparation_settings(config))
             running.append(
-                train.submit(config, prepared[key]["dir"], experiment_id, parent_id, corpus, str(output_dir))
+                submit_with_resources(
+                    train,
+                    gpus_per_task,
+                    config,
+                    prepared[key]["dir"],
+                    experiment_id,
+                    parent_id,
+                    corpus,
+                    str(output_dir),
+                    distributed,
+                    gpus_per_task,
+                )
             )
         done = next(as_completed(running))
         running.remove(done)
@@ -324,11 +392,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=os.environ.get("CHARLM_S3_ENDPOINT_URL"),
         help="S3-compatible endpoint, e.g. MinIO (env CHARLM_S3_ENDPOINT_URL)",
     )
+    ddp = parser.add_argument_group("distributed training (torch DDP through torch's elastic launcher)")
+    ddp.add_argument("--ddp", action="store_true", help="train each architecture as a DDP job")
+    ddp.add_argument("--nproc-per-node", type=int, help="workers per node (default: the task's GPUs, 1 on CPU)")
+    ddp.add_argument("--max-restarts", type=int, default=0, help="restart a failed worker group this often")
+    ddp.add_argument("--gpus-per-task", type=int, help="GPUs allotted to each architecture task")
+    ddp.add_argument("--nnodes", type=int, help="nodes per job (with --rdzv-endpoint; env CHARLM_NNODES)")
+    ddp.add_argument("--rdzv-endpoint", help="c10d rendezvous host:port shared by the nodes (env CHARLM_RDZV_ENDPOINT)")
+    ddp.add_argument(
+        "--task-runner",
+        default=os.environ.get("CHARLM_TASK_RUNNER", "thread"),
+        choices=["thread", "dask", "ray"],
+        help="Prefect task runner (env CHARLM_TASK_RUNNER)",
+    )
+    ddp.add_argument(
+        "--task-runner-address",
+        default=os.environ.get("CHARLM_TASK_RUNNER_ADDRESS"),
+        help="an existing Dask scheduler or Ray cluster",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.arch = "tiny", ["char3", "stateful_gru", "stateful_lstm"]
     overrides = {"*": RunConfig.parse_overrides(args.set)} if args.set else None
-    return charlm_pipeline(
+    distributed = None
+    if args.ddp or args.nproc_per_node or args.nnodes:
+        given = {
+            "nproc_per_node": args.nproc_per_node,
+            "max_restarts": args.max_restarts,
+            "nnodes": args.nnodes,
+            "rdzv_endpoint": args.rdzv_endpoint,
+        }
+        distributed = DistributedConfig.from_env(**{k: v for k, v in given.items() if v is not None})
+    flow_ = charlm_pipeline.with_options(
+        task_runner=make_task_runner(args.task_runner, args.task_runner_address, max(args.concurrency, 1))
+    )
+    return flow_(
         corpus_uri=args.corpus_uri,
         architectures=args.arch,
         preset_name=args.preset,
@@ -340,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_name=args.model_name,
         promotion_margin=args.margin,
         skip_if_unchanged=args.skip_if_unchanged,
+        distributed=distributed,
+        gpus_per_task=args.gpus_per_task,
     )
 
 

@@ -12,7 +12,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from charlm.checkpoint import load_checkpoint
 from charlm.config import tiny
 from charlm.distributed import DistributedConfig, GpuAllocator, launch_training
-from charlm.experiment import load_prepared, prepare_artifacts, preparation_settings
+from charlm.experiment import load_prepared, preparation_settings, prepare_artifacts
 from charlm.training import Trainer
 from tests.conftest import generated_text
 
@@ -136,6 +136,5 @@ def test_gpu_allocator_gives_disjoint_sets_and_queues_the_rest(tmp_path):
     for w in workers:
         w.join(10)
     assert len(fifth_got[0]) == 3
-    with pytest.raises(ValueError, match="11 GPUs requested"):
-        with allocator.acquire(11):
-            pass
+    with pytest.raises(ValueError, match="11 GPUs requested"), allocator.acquire(11):
+        pass

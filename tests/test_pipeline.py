@@ -216,3 +216,18 @@ def test_nightly_deployment_is_created_with_its_schedule(stack):
     assert limit is not None and limit.limit == 1
     assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
     assert deployment.parameters["skip_if_unchanged"] is True
+
+
+def test_two_ddp_architecture_tasks_at_once(stack):
+    from charlm.distributed import DistributedConfig
+
+    summary = run_flow(stack, architectures=["stateful_gru", "seq_rnn"], concurrency=2, promote_best=False,
+                       distributed=DistributedConfig(nproc_per_node=2, threads_per_rank=1))
+    client = MlflowClient(stack["tracking"])
+    runs = [client.get_run(r["run_id"]) for r in summary["results"]]
+    assert sorted(r.data.tags["charlm.architecture"] for r in runs) == ["seq_rnn", "stateful_gru"]
+    assert all(r.info.status == "FINISHED" and r.data.tags["charlm.world_size"] == "2" for r in runs)
+    # the two DDP jobs overlapped in time (each has its own rendezvous port)
+    (s1, e1), (s2, e2) = [(r.info.start_time, r.info.end_time) for r in runs]
+    assert s1 < e2 and s2 < e1
+    assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) == 3 for r in runs)
