@@ -67,16 +67,20 @@ def decode_corpus(raw: bytes, source: str) -> str:
     return text
 
 
+def read_corpus_bytes(path: str | os.PathLike[str], source: str | None = None) -> bytes:
+    """The bytes of a corpus file; a missing file or a directory raises :class:`CorpusError` naming ``source``."""
+    source = source or str(path)
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CorpusError(f"{source}: no such corpus file") from None
+    except IsADirectoryError:
+        raise CorpusError(f"{source}: is a directory, expected a UTF-8 text file") from None
+
+
 def read_corpus(path: str | os.PathLike[str]) -> str:
     """Read a UTF-8 corpus file; a missing, empty or non-UTF-8 file raises :class:`CorpusError`."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CorpusError(f"{path}: no such corpus file") from None
-    except IsADirectoryError:
-        raise CorpusError(f"{path}: is a directory, expected a UTF-8 text file") from None
-    return decode_corpus(raw, str(path))
+    return decode_corpus(read_corpus_bytes(path), str(path))
 
 
 def split_text(text: str, valid_fraction: float = 0.2) -> tuple[str, str]:

@@ -16,10 +16,9 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from urllib.parse import urlparse
 
-from charlm.data import CorpusError, decode_corpus
+from charlm.data import CorpusError, decode_corpus, read_corpus_bytes
 
 DEFAULT_CORPUS_URI = "s3://text-datasets/nietzsche.txt"
 
@@ -79,13 +78,7 @@ def fetch_corpus(
     if parsed.scheme in ("http", "https"):
         return _fetch_http(uri, attempts=attempts, backoff=backoff, timeout=timeout)
     if parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme == "file" else uri)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise CorpusFetchError(f"{uri}: no such file") from None
-        except IsADirectoryError:
-            raise CorpusFetchError(f"{uri}: is a directory, expected a UTF-8 text file") from None
+        raw = read_corpus_bytes(parsed.path if parsed.scheme == "file" else uri, source=uri)
         return _digest(uri, raw, None)
     raise CorpusFetchError(f"{uri}: unsupported scheme {parsed.scheme!r} (use s3://, https://, file:// or a path)")
 

@@ -37,7 +37,7 @@ def test_train_evaluate_generate_round_trip(corpus_file, tmp_path, capsys):
     assert summary["architecture"] == "stateful_gru" and len(summary["history"]) == 3
     assert (out / "best.pt").exists() and (out / "cycle-1.pt").exists()
 
-    assert main(["evaluate", str(out / "best.pt"), "--corpus", str(corpus_file)]) == 0
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--corpus", str(corpus_file)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert abs(evaluated["val_loss"] - summary["best_val_loss"]) < 1e-9
 

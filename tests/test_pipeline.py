@@ -221,8 +221,13 @@ def test_nightly_deployment_is_created_with_its_schedule(stack):
 def test_two_ddp_architecture_tasks_at_once(stack):
     from charlm.distributed import DistributedConfig
 
-    summary = run_flow(stack, architectures=["stateful_gru", "seq_rnn"], concurrency=2, promote_best=False,
-                       distributed=DistributedConfig(nproc_per_node=2, threads_per_rank=1))
+    summary = run_flow(
+        stack,
+        architectures=["stateful_gru", "seq_rnn"],
+        concurrency=2,
+        promote_best=False,
+        distributed=DistributedConfig(nproc_per_node=2, threads_per_rank=1),
+    )
     client = MlflowClient(stack["tracking"])
     runs = [client.get_run(r["run_id"]) for r in summary["results"]]
     assert sorted(r.data.tags["charlm.architecture"] for r in runs) == ["seq_rnn", "stateful_gru"]
@@ -231,3 +236,23 @@ def test_two_ddp_architecture_tasks_at_once(stack):
     (s1, e1), (s2, e2) = [(r.info.start_time, r.info.end_time) for r in runs]
     assert s1 < e2 and s2 < e1
     assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) == 3 for r in runs)
+
+
+def test_the_task_runner_swaps_for_dask_with_ddp_inside(stack):
+    from charlm.distributed import DistributedConfig
+    from flows.pipeline import charlm_pipeline, make_task_runner
+
+    flow_ = charlm_pipeline.with_options(task_runner=make_task_runner("dask", concurrency=2))
+    summary = flow_(
+        corpus_uri="s3://corpora/corpus.txt",
+        architectures=["seq_rnn"],
+        preset_name="tiny",
+        concurrency=1,
+        experiment_name="e2e-dask",
+        s3_endpoint_url=stack["s3_url"],
+        promote_best=False,
+        distributed=DistributedConfig(nproc_per_node=2, threads_per_rank=1),
+    )
+    (result,) = summary["results"]
+    assert result["world_size"] == 2 and result["epochs"] == 3
+    assert MlflowClient(stack["tracking"]).get_run(result["run_id"]).info.status == "FINISHED"
