@@ -120,7 +120,7 @@ def promote(
         "charlm.kind": candidate.kind,
         "charlm.corpus_sha256": corpus_sha256,
         "charlm.run_id": candidate.run_id,
-        "charlm.val_loss": f"{candidate.val_loss:.6f}",
+        "charlm.val_loss": repr(float(candidate.val_loss)),
         "charlm.model_id": candidate.model_id,
     }
     if parent_run_id:
