@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,25 @@ def run(spec_json: str) -> dict[str, Any]:
     if spec.get("threads_per_rank"):
         torch.set_num_threads(spec["threads_per_rank"])
     device, backend = _device(spec, local_rank)
-    torch_dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    if rank == 0 and spec.get("tracking"):
+        import mlflow
+    # The launcher's store outlives restarts: key this attempt's process group by the restart count,
+    # so that a restarted rank never reads the address a dead peer published in an earlier attempt.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"  # torchrun's default
+    store = torch_dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size=world,
+        is_master=rank == 0 and not agent_store,
+        timeout=timedelta(minutes=10),
+    )
+    torch_dist.init_process_group(
+        backend,
+        store=torch_dist.PrefixStore(f"charlm/attempt-{restarts}", store),
+        rank=rank,
+        world_size=world,
+        device_id=device if device.type == "cuda" else None,
+    )
     try:
         config = RunConfig.model_validate(spec["config"])
         callbacks: list[Callback] = []
