@@ -290,13 +290,10 @@ class Layout:
         """Fraction of the epoch done after batch ``index`` of ``plan`` (drives the LR schedule)."""
         return (index + 1) / len(plan)
 
-    def iterate(self, epoch: int = 0, seed: int = 0, shuffle: bool = True, start: int = 0) -> Iterator[Batch]:
+    def iterate(self, epoch: int = 0, seed: int = 0, shuffle: bool = True) -> Iterator[Batch]:
         plan = self.plan(epoch, seed, shuffle)
-        for item in plan[start:]:
+        for item in plan:
             yield self.batch(item)
-
-    def predicted_chars(self, item) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
 
 
 class _IndexedLayout(Layout):
@@ -351,9 +348,6 @@ class WindowLayout(_IndexedLayout):
         targets = self.tokens[item + self.context].long().unsqueeze(1)  # (B, 1)
         return inputs, targets
 
-    def predicted_chars(self, item: torch.Tensor) -> int:
-        return int(item.numel())
-
 
 class SequenceLayout(_IndexedLayout):
     """Non-overlapping sequences of ``context`` characters, one target per position."""
@@ -366,9 +360,6 @@ class SequenceLayout(_IndexedLayout):
         inputs = self.tokens[:n].view(-1, self.context)[item].long()  # (B, T)
         targets = self.tokens[1 : n + 1].view(-1, self.context)[item].long()  # (B, T)
         return inputs, targets
-
-    def predicted_chars(self, item: torch.Tensor) -> int:
-        return int(item.numel()) * self.context
 
 
 class StreamLayout(Layout):
@@ -418,9 +409,6 @@ class StreamLayout(Layout):
     def progress(self, plan: list, index: int) -> float:
         start, length = plan[index]
         return (start + length) / (self.column_length - 1)
-
-    def predicted_chars(self, item: tuple[int, int]) -> int:
-        return item[1] * self.rows.shape[0]
 
 
 LAYOUTS: dict[str, type[Layout]] = {"window": WindowLayout, "sequence": SequenceLayout, "stream": StreamLayout}

@@ -5,9 +5,6 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "nietzsche.txt"
-
 _WORDS = [
     "the",
     "of",
