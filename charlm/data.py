@@ -221,8 +221,10 @@ class PreparedCorpus:
             "vocab_size": len(self.vocab),
             "train_chars": int(self.train.numel()),
             "valid_chars": int(self.valid.numel()),
-            "train_unknown": int((self.train == UNK_INDEX).sum()),
-            "valid_unknown": int((self.valid == UNK_INDEX).sum()),
+            # numpy, not torch: this runs on the orchestrating thread, and a torch op there leaves an
+            # OpenMP pool that slowed training in worker threads ~40% (bench/openmp_threads.py)
+            "train_unknown": int(np.count_nonzero(self.train.numpy() == UNK_INDEX)),
+            "valid_unknown": int(np.count_nonzero(self.valid.numpy() == UNK_INDEX)),
         }
 
 
