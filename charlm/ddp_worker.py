@@ -25,7 +25,7 @@ import torch.distributed as torch_dist
 
 from charlm.checkpoint import load_checkpoint
 from charlm.config import RunConfig
-from charlm.training import Callback, DistInfo, Trainer
+from charlm.training import Callback, DistInfo, Trainer, fit_summary
 
 FAULT_ENV = "CHARLM_FAULT_INJECT"  # "rank=R,step=S": that rank dies at that step, first attempt only
 
@@ -121,18 +121,8 @@ def run(spec_json: str) -> dict[str, Any]:
         result = trainer.fit()
         if rank != 0:
             return {}
-        return {
-            "history": result.history,
-            "best_val_loss": result.best_val_loss,
-            "best_epoch": result.best_epoch,
-            "steps": result.steps,
-            "parameters": result.parameters,
-            "checkpoints": result.checkpoints,
-            "restarts": restarts,
-            "world_size": world,
-            "device": str(device),
-            "snapshot_model_ids": {str(k): v for k, v in tracker.snapshot_model_ids.items()} if tracker else {},
-        }
+        ids = tracker.snapshot_model_ids if tracker else None
+        return {**fit_summary(result, ids), "restarts": restarts, "world_size": world, "device": str(device)}
     finally:
         torch_dist.destroy_process_group()
 

@@ -95,10 +95,11 @@ def train_architecture(
     (a :class:`charlm.distributed.DistributedConfig`) training is a DDP job on
     ``devices`` (GPU indices; None on CPU), rank 0 logging to the same child run.
     """
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     from charlm.tracking import MLflowTracker
-    from charlm.training import Trainer
+    from charlm.training import Trainer, fit_summary
 
     client = MlflowClient()
     arch = config.architecture
@@ -122,15 +123,7 @@ def train_architecture(
         if distributed is None:
             tracker = MLflowTracker(run_id, client=client)
             trainer = Trainer(config, load_prepared(prepared_dir), callbacks=[tracker], checkpoint_dir=checkpoint_dir)
-            fit = trainer.fit()
-            summary = {
-                "history": fit.history,
-                "best_val_loss": fit.best_val_loss,
-                "best_epoch": fit.best_epoch,
-                "parameters": fit.parameters,
-                "checkpoints": fit.checkpoints,
-                "snapshot_model_ids": {str(k): v for k, v in tracker.snapshot_model_ids.items()},
-            }
+            summary = fit_summary(trainer.fit(), tracker.snapshot_model_ids)
         else:
             from charlm.distributed import launch_training
 
@@ -140,7 +133,7 @@ def train_architecture(
                 checkpoint_dir,
                 dist=distributed,
                 devices=devices,
-                tracking={"tracking_uri": mlflow_tracking_uri(), "run_id": run_id},
+                tracking={"tracking_uri": mlflow.get_tracking_uri(), "run_id": run_id},
             )
         wall = time.perf_counter() - started
     except BaseException as err:
@@ -166,12 +159,6 @@ def train_architecture(
         "restarts": summary.get("restarts", 0),
         "world_size": summary.get("world_size", 1),
     }
-
-
-def mlflow_tracking_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
 
 
 # --------------------------------------------------------------------------- comparison

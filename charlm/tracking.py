@@ -174,19 +174,8 @@ class MLflowTracker(Callback):
             self.client.log_artifact(self.run_id, str(path), artifact_path="checkpoints")
         elif kind.startswith("cycle-") and self.log_snapshots:
             cycle = int(kind.removeprefix("cycle-"))
-            with mlflow.start_run(run_id=self.run_id, nested=True):
-                info = log_checkpoint_model(
-                    path,
-                    f"{trainer.config.architecture}-{kind}",
-                    step=int(metrics["epoch"]),
-                    tags={
-                        "charlm.kind": "sgdr-snapshot",
-                        "charlm.cycle": cycle,
-                        "charlm.architecture": trainer.config.architecture,
-                        "charlm.val_loss": metrics["val_loss"],
-                    },
-                )
-            self.snapshot_model_ids[cycle] = info.model_id
+            tags = {"charlm.kind": "sgdr-snapshot", "charlm.cycle": cycle, "charlm.val_loss": metrics["val_loss"]}
+            self.snapshot_model_ids[cycle] = self._log_model(trainer, path, kind, int(metrics["epoch"]), tags)
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         from mlflow.entities import Metric
@@ -201,20 +190,16 @@ class MLflowTracker(Callback):
         )
         best = result.checkpoints.get("best")
         if best and self.log_snapshots:  # the best checkpoint as a logged model: a promotion candidate
-            arch = trainer.config.architecture
-            with mlflow.start_run(run_id=self.run_id, nested=True):
-                info = log_checkpoint_model(
-                    best,
-                    f"{arch}-best",
-                    step=result.best_epoch,
-                    tags={
-                        "charlm.kind": "best",
-                        "charlm.architecture": arch,
-                        "charlm.val_loss": result.best_val_loss,
-                        "charlm.epoch": result.best_epoch,
-                    },
-                )
-            self.best_model_id = info.model_id
+            tags = {"charlm.kind": "best", "charlm.val_loss": result.best_val_loss, "charlm.epoch": result.best_epoch}
+            self.best_model_id = self._log_model(trainer, best, "best", result.best_epoch, tags)
+
+    def _log_model(
+        self, trainer: Trainer, path: str | os.PathLike[str], kind: str, step: int, tags: dict[str, Any]
+    ) -> str:
+        arch = trainer.config.architecture
+        with mlflow.start_run(run_id=self.run_id, nested=True):
+            info = log_checkpoint_model(path, f"{arch}-{kind}", step=step, tags={"charlm.architecture": arch, **tags})
+        return info.model_id
 
 
 def _now_ms() -> int:

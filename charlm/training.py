@@ -23,7 +23,7 @@ from torch import nn
 
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import RunConfig
-from charlm.data import PAD_INDEX, Layout, PreparedCorpus, Vocabulary, make_layout
+from charlm.data import PAD_INDEX, Layout, PreparedCorpus, make_layout
 from charlm.models import CharModel, State, build_model, count_parameters, get_architecture
 from charlm.schedule import Schedule
 
@@ -113,6 +113,19 @@ class FitResult:
     @property
     def final(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
+
+
+def fit_summary(result: FitResult, snapshot_model_ids: dict[int, str] | None = None) -> dict[str, Any]:
+    """What a training task reports, the same for an in-process and a distributed run."""
+    return {
+        "history": result.history,
+        "best_val_loss": result.best_val_loss,
+        "best_epoch": result.best_epoch,
+        "steps": result.steps,
+        "parameters": result.parameters,
+        "checkpoints": result.checkpoints,
+        "snapshot_model_ids": {str(k): v for k, v in (snapshot_model_ids or {}).items()},
+    }
 
 
 class _ProgressBar(Callback):
@@ -462,7 +475,6 @@ __all__ = [
     "DistInfo",
     "FitResult",
     "Trainer",
-    "Vocabulary",
     "bits_per_char",
     "prepare_for",
     "resolve_device",
