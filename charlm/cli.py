@@ -191,6 +191,24 @@ def cmd_vocab(args: argparse.Namespace) -> None:
     _print_json({"vocabulary": args.out, **prepared.stats()})
 
 
+def cmd_join(args: argparse.Namespace) -> None:
+    from charlm.distributed import DistributedConfig, join_training
+
+    given = {
+        "nnodes": args.nnodes,
+        "rdzv_endpoint": args.rdzv_endpoint,
+        "rdzv_id": args.rdzv_id,
+        "nproc_per_node": args.nproc_per_node,
+        "max_restarts": args.max_restarts,
+        "threads_per_rank": args.threads_per_rank,
+        "join_timeout": args.join_timeout,
+    }
+    dist = DistributedConfig.from_env(**{k: v for k, v in given.items() if v is not None})
+    devices = [int(d) for d in args.devices.split(",")] if args.devices else None
+    print(f"charlm join: {dist.rdzv_id} at {dist.rdzv_endpoint}, {dist.nnodes} nodes", file=sys.stderr, flush=True)
+    join_training(dist, devices=devices, backend=args.backend)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -286,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.0, help="required improvement over the champion (nats/char)")
     p.add_argument("--rollback", action="store_true", help="restore the 'previous' version as champion")
     p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser(
+        "join",
+        help="run this node's DDP workers in a multi-node job started by a pipeline or 'launch_training'",
+        description="The job's config, data and checkpoints come from the driver node over the rendezvous; "
+        "this node needs only the rendezvous settings (flags, or CHARLM_NNODES, CHARLM_RDZV_ENDPOINT, "
+        "CHARLM_RDZV_ID, CHARLM_NPROC_PER_NODE, CHARLM_MAX_RESTARTS).",
+    )
+    p.add_argument("--nnodes", type=int, help="nodes in the job, the driver included")
+    p.add_argument("--rdzv-endpoint", help="the driver's c10d rendezvous host:port")
+    p.add_argument("--rdzv-id", help="the job's rendezvous id (the pipeline logs it for each architecture)")
+    p.add_argument("--nproc-per-node", type=int, help="workers on this node (default: its GPUs, 1 on CPU)")
+    p.add_argument("--devices", help="GPU indices for this node's workers, e.g. 0,1")
+    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], help="default: the driver's")
+    p.add_argument("--max-restarts", type=int, help="as the driver's")
+    p.add_argument("--threads-per-rank", type=int, help="torch threads per worker (CPU)")
+    p.add_argument("--join-timeout", type=float, help="seconds to wait for the other nodes (default 600)")
+    p.set_defaults(func=cmd_join)
 
     p = sub.add_parser("vocab", help="build the vocabulary of a corpus's training split as JSON")
     p.add_argument("--corpus")

@@ -1,14 +1,23 @@
 """One DDP worker: what each rank runs, under ``elastic_launch`` or ``torchrun``.
 
 Kept light on purpose — spawned workers import this module, so it must not pull
-in Prefect. Also a torchrun script, for multi-node jobs launched by hand::
+in Prefect. Two roles:
 
+* the **driver** node's workers get the job spec (config, prepared data directory,
+  checkpoint directory, MLflow run) from :func:`charlm.distributed.launch_training`;
+* a **joining** node's workers get nothing but the rendezvous: the driver publishes
+  the spec in the rendezvous store and broadcasts the prepared corpus and, on a
+  restart, the checkpoint to resume from — a joining node needs no shared disk::
+
+    charlm join --nnodes 2 --rdzv-endpoint HOST:29400 --rdzv-id charlm-gru   # or:
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
-        --rdzv-id charlm-gru -m charlm.ddp_worker --spec spec.json
+        --rdzv-id charlm-gru -m charlm.ddp_worker --join
 
-Each rank reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
-TORCHELASTIC_RESTART_COUNT), resumes from ``last.pt`` when a previous attempt left
-one, and rank 0 alone writes checkpoints and logs to MLflow.
+torchrun numbers nodes in an order of its own; the workers renumber themselves so
+that the driver's ranks come first, and rank 0 — on the driver — alone writes
+checkpoints and logs to MLflow. Each rank reads torchrun's environment (RANK,
+WORLD_SIZE, LOCAL_RANK, TORCHELASTIC_RESTART_COUNT) and a restarted group resumes
+from ``last.pt``.
 """
 
 from __future__ import annotations
@@ -58,37 +67,68 @@ def _device(spec: dict[str, Any], local_rank: int) -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
+def _broadcast(obj: Any, rank: int) -> Any:
+    box = [obj if rank == 0 else None]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run(spec_json: str) -> dict[str, Any]:
+    """One rank's work. ``spec_json``: the driver's job spec, or ``{"join": true, …}`` on a joining node."""
     from charlm.experiment import load_prepared
 
     spec = json.loads(spec_json)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    joining = bool(spec.get("join"))
+    launcher_rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     if spec.get("threads_per_rank"):
         torch.set_num_threads(spec["threads_per_rank"])
-    device, backend = _device(spec, local_rank)
-    if rank == 0 and spec.get("tracking"):
-        import mlflow
-    # The launcher's store outlives restarts: key this attempt's process group by the restart count,
-    # so that a restarted rank never reads the address a dead peer published in an earlier attempt.
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"  # torchrun's default
+    # charlm's launcher turns torchrun's shared agent store off (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1):
+    # each rendezvous round then gets a fresh store, hosted by this round's rank 0 on a new port, so a
+    # restarted rank can never read what a dead peer of an earlier attempt published there. Under a
+    # plain torchrun (shared store) the keys are at least kept apart by the restart count (which is
+    # per node: a node restarted for a peer's failure may not count it).
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = torch_dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
         world_size=world,
-        is_master=rank == 0 and not agent_store,
+        is_master=launcher_rank == 0 and not agent_store,
         timeout=timedelta(minutes=10),
     )
+    attempt = torch_dist.PrefixStore(f"charlm/attempt-{restarts if agent_store else 0}", store)
+    # The driver's first worker publishes where its ranks start and the job; every rank waits for both.
+    if not joining and local_rank == 0:
+        job = {k: spec[k] for k in ("config", "backend", "checkpoint_dir") if k in spec}
+        attempt.set("job", json.dumps(job))
+        attempt.set("driver_base", str(launcher_rank - local_rank))
+    driver_base = int(attempt.get("driver_base"))
+    rank = (launcher_rank - driver_base) % world  # the driver's ranks first: rank 0 is on the driver
+    if joining:  # the driver's config and backend; this node's own devices and threads
+        spec = {**json.loads(attempt.get("job")), **{k: v for k, v in spec.items() if v is not None}}
+    device, backend = _device(spec, local_rank)
     torch_dist.init_process_group(
         backend,
-        store=torch_dist.PrefixStore(f"charlm/attempt-{restarts}", store),
+        store=torch_dist.PrefixStore("pg", attempt),
         rank=rank,
         world_size=world,
         device_id=device if device.type == "cuda" else None,
     )
     try:
+        if world > 1:  # a node restarted because a peer failed may not count it: take the highest count
+            count = torch.tensor([restarts], device=device)
+            torch_dist.all_reduce(count, op=torch_dist.ReduceOp.MAX)
+            restarts = int(count.item())
         config = RunConfig.model_validate(spec["config"])
+        # Every rank knows the directory (mid-epoch checkpoints are collective); rank 0 alone writes it.
+        checkpoint_dir = Path(spec["checkpoint_dir"])
+        # Rank 0 reads the data and the checkpoint; the others receive them (no shared disk needed).
+        corpus = load_prepared(spec["prepared_dir"]) if rank == 0 else None
+        last = checkpoint_dir / "last.pt"
+        resume = load_checkpoint(last) if rank == 0 and last.is_file() else None
+        if world > 1:
+            corpus, resume = _broadcast((corpus, resume), rank)
         callbacks: list[Callback] = []
         tracker = None
         if rank == 0 and spec.get("tracking"):
@@ -102,22 +142,21 @@ def run(spec_json: str) -> dict[str, Any]:
             run_id = spec["tracking"]["run_id"]
             client.set_tag(run_id, "charlm.restarts", str(restarts))
             client.set_tag(run_id, "charlm.world_size", str(world))
+            client.set_tag(run_id, "charlm.nnodes", os.environ.get("GROUP_WORLD_SIZE", "1"))
             tracker = MLflowTracker(run_id, client=client)
             callbacks.append(tracker)
         if os.environ.get(FAULT_ENV):
             callbacks.append(FaultInjector(os.environ[FAULT_ENV], rank, restarts))
-        checkpoint_dir = Path(spec["checkpoint_dir"])
         trainer = Trainer(
             config,
-            load_prepared(spec["prepared_dir"]),
+            corpus,
             callbacks=callbacks,
             checkpoint_dir=checkpoint_dir,
             device=device,
             dist=DistInfo(rank=rank, world_size=world, local_rank=local_rank),
         )
-        last = checkpoint_dir / "last.pt"
-        if last.is_file():  # a restarted worker group continues from the last checkpoint
-            trainer.load_state_dict(load_checkpoint(last, map_location=device))
+        if resume is not None:  # a restarted worker group continues from the last checkpoint
+            trainer.load_state_dict(resume)
         result = trainer.fit()
         if rank != 0:
             return {}
@@ -129,9 +168,17 @@ def run(spec_json: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", required=True, help="JSON file: config, prepared_dir, checkpoint_dir, tracking")
+    role = parser.add_mutually_exclusive_group(required=True)
+    role.add_argument("--spec", help="the driver: a JSON file with config, prepared_dir, checkpoint_dir, tracking")
+    role.add_argument("--join", action="store_true", help="a joining node: take the job from the driver")
+    parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], help="default: the driver's")
+    parser.add_argument("--threads-per-rank", type=int)
     args = parser.parse_args()
-    result = run(Path(args.spec).read_text())
+    if args.join:
+        spec = json.dumps({"join": True, "backend": args.backend, "threads_per_rank": args.threads_per_rank})
+    else:
+        spec = Path(args.spec).read_text()
+    result = run(spec)
     if result:
         print(json.dumps({k: v for k, v in result.items() if k != "history"}))
 

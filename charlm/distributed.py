@@ -2,11 +2,12 @@
 
 :func:`launch_training` is torchrun inside a Python call (``elastic_launch`` with a
 c10d rendezvous): ``nproc_per_node`` workers on this node — NCCL on GPUs, gloo on
-CPU — plus, with ``nnodes > 1``, the same call (or ``torchrun -m charlm.ddp_worker``)
-on every other node with the same rendezvous endpoint and id. With
-``max_restarts > 0`` a failed worker group is restarted and resumes from its last
-checkpoint. Workers run :func:`charlm.ddp_worker.run` (a light module: spawned
-workers import it, never Prefect).
+CPU. With ``nnodes > 1`` this node is the job's *driver* and every other node runs
+:func:`join_training` (``charlm join``, or ``torchrun … -m charlm.ddp_worker --join``)
+with the same rendezvous endpoint and id; joining nodes receive the job, the data
+and any checkpoint from the driver. With ``max_restarts > 0`` a failed worker group
+is restarted and resumes from its last checkpoint. Workers run
+:func:`charlm.ddp_worker.run` (a light module: spawned workers import it, never Prefect).
 """
 
 from __future__ import annotations
@@ -41,6 +42,29 @@ class DistributedConfig(BaseModel):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     threads_per_rank: int | None = Field(None, ge=1, description="torch threads per worker (CPU)")
     monitor_interval: float = Field(0.5, gt=0)
+    join_timeout: float = Field(600.0, gt=0, description="seconds to wait for every node to join the rendezvous")
+
+    def check_multinode(self) -> None:
+        """A multi-node job needs an endpoint and an id that every node can be told in advance."""
+        if self.nnodes == 1:
+            return
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or int(port) == 0:
+            raise ValueError(
+                f"rdzv_endpoint {self.rdzv_endpoint!r}: a {self.nnodes}-node job needs a fixed host:port "
+                "that every node can reach (the driver's address), e.g. node0:29400"
+            )
+        if not self.rdzv_id:
+            raise ValueError(f"rdzv_id: a {self.nnodes}-node job needs an id shared by every node")
+
+    def for_job(self, name: str, index: int) -> DistributedConfig:
+        """The settings of the ``index``-th of several concurrent jobs of one flow run: on one
+        node each picks its own port; across nodes each gets its own rendezvous id and port."""
+        if self.nnodes == 1:
+            return self
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        update = {"rdzv_id": f"{self.rdzv_id}-{name}", "rdzv_endpoint": f"{host}:{int(port) + index}"}
+        return self.model_copy(update=update)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> DistributedConfig:
@@ -79,11 +103,12 @@ def launch_training(
     ``tracking``: ``{"tracking_uri": …, "run_id": …}`` for rank 0's MLflow logging.
     A worker failure with no restarts left raises torch's ``ChildFailedError``.
     """
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
     from charlm import ddp_worker
 
     dist = dist or DistributedConfig()
+    dist.check_multinode()
     nproc = dist.nproc_per_node or default_nproc(devices, dist.backend)
     if devices is not None and nproc > len(devices):
         raise ValueError(f"{nproc} processes per node but only {len(devices)} GPU(s) allotted: {devices}")
@@ -96,20 +121,48 @@ def launch_training(
         "threads_per_rank": dist.threads_per_rank,
         "tracking": tracking,
     }
-    launch = LaunchConfig(
+    results = elastic_launch(_launch_config(dist, nproc), entrypoint=ddp_worker.run)(json.dumps(spec))
+    # Rank 0 is this node's first worker (the workers put the driver's ranks first).
+    return results.get(0, {})
+
+
+def join_training(dist: DistributedConfig, *, devices: list[int] | None = None, backend: str | None = None) -> None:
+    """Run this node's workers in a multi-node job whose driver called :func:`launch_training`.
+
+    Blocks until the job ends; raises ``ChildFailedError`` if a worker here fails with
+    no restarts left. ``backend`` defaults to the driver's.
+    """
+    from torch.distributed.launcher.api import elastic_launch
+
+    from charlm import ddp_worker
+
+    dist.check_multinode()
+    nproc = dist.nproc_per_node or default_nproc(devices, backend or "auto")
+    spec = {"join": True, "devices": devices, "backend": backend, "threads_per_rank": dist.threads_per_rank}
+    elastic_launch(_launch_config(dist, nproc), entrypoint=ddp_worker.run)(json.dumps(spec))
+
+
+def _launch_config(dist: DistributedConfig, nproc: int):
+    from torch.distributed.launcher.api import LaunchConfig
+
+    # A fresh store for each rendezvous round, hosted by that round's rank 0 (see charlm.ddp_worker),
+    # rather than one agent store that outlives restarts. Read by torch's rendezvous handler.
+    os.environ[SHARED_STORE_ENV] = "1"
+    return LaunchConfig(
         min_nodes=dist.nnodes,
         max_nodes=dist.nnodes,
         nproc_per_node=nproc,
         run_id=dist.rdzv_id or f"charlm-{uuid.uuid4().hex[:12]}",
         rdzv_backend="c10d",
         rdzv_endpoint=dist.rdzv_endpoint,
+        rdzv_configs={"join_timeout": dist.join_timeout},
         max_restarts=dist.max_restarts,
         monitor_interval=dist.monitor_interval,
         start_method="spawn",  # forked workers would inherit the orchestrator's signal handlers
     )
-    results = elastic_launch(launch, entrypoint=ddp_worker.run)(json.dumps(spec))
-    return results.get(0, {})
 
+
+SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 # --------------------------------------------------------------------------- GPU placement
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,9 @@ from charlm.distributed import DistributedConfig, GpuAllocator, launch_training
 from charlm.experiment import load_prepared, preparation_settings, prepare_artifacts
 from charlm.training import Trainer
 from tests.conftest import generated_text
+from tests.s3server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +107,89 @@ def test_a_worker_failure_without_restarts_fails_the_launch(tmp_path, monkeypatc
             dist=DistributedConfig(nproc_per_node=2, max_restarts=0),
         )
     assert time.monotonic() - started < 120  # failed, did not hang
+
+
+def join_node(workdir: Path, dist: DistributedConfig, log: Path) -> subprocess.Popen:
+    """A second "node" on loopback: `charlm join` in its own process and an empty directory,
+    with nothing but the rendezvous settings (no corpus, no prepared data, no checkpoints)."""
+    workdir.mkdir()
+    command = [sys.executable, "-m", "charlm.cli", "join", "--nnodes", str(dist.nnodes)]
+    command += ["--rdzv-endpoint", dist.rdzv_endpoint, "--rdzv-id", dist.rdzv_id, "--threads-per-rank", "1"]
+    command += ["--max-restarts", str(dist.max_restarts)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(command, cwd=workdir, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def two_nodes(name: str, **settings) -> DistributedConfig:
+    endpoint = f"127.0.0.1:{free_port()}"
+    return DistributedConfig(nnodes=2, rdzv_endpoint=endpoint, rdzv_id=name, threads_per_rank=1, **settings)
+
+
+def test_two_nodes_over_a_c10d_rendezvous_match_one_node_with_two_ranks(tmp_path):
+    config = tiny("stateful_gru")
+    data = prepared(tmp_path, config)
+    dist = two_nodes("charlm-two-nodes")
+    joiner = join_node(tmp_path / "node1", dist, tmp_path / "node1.log")
+    try:
+        both = launch_training(config, data, tmp_path / "ckpt", dist=dist)
+        assert joiner.wait(60) == 0, (tmp_path / "node1.log").read_text()[-3000:]
+    finally:
+        joiner.kill()
+    one = launch_training(config, data, tmp_path / "one", dist=DistributedConfig(nproc_per_node=2, threads_per_rank=1))
+    assert both["world_size"] == 2
+    for a, b in zip(one["history"], both["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=TOLERANCE)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=TOLERANCE)
+    # rank 0 is the driver's worker: it alone wrote checkpoints, here; the joining node wrote nothing.
+    assert {"best.pt", "last.pt"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert list((tmp_path / "node1").iterdir()) == []
+
+
+def test_a_killed_worker_on_the_joining_node_restarts_both_nodes_and_resumes(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from charlm.tracking import check_tracking_server
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    check_tracking_server(uri)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("multinode")).info.run_id
+    config = tiny("stateful_gru")
+    data = prepared(tmp_path, config)
+    layout = Trainer(config, load_prepared(data)).train_layout
+    first, second = (len(layout.plan(epoch, config.seed, True)) for epoch in (0, 1))
+    kill_at = (first + second // 2) // config.log_every * config.log_every
+    monkeypatch.setenv("CHARLM_FAULT_INJECT", f"rank=1,step={kill_at}")  # rank 1 is the joining node's worker
+    dist = two_nodes("charlm-two-nodes-fault", max_restarts=1)
+    joiner = join_node(tmp_path / "node1", dist, tmp_path / "node1.log")
+    try:
+        result = launch_training(
+            config, data, tmp_path / "ckpt", dist=dist, tracking={"tracking_uri": uri, "run_id": run_id}
+        )
+        assert joiner.wait(60) == 0, (tmp_path / "node1.log").read_text()[-3000:]
+    finally:
+        joiner.kill()
+    assert f"rank 1 exits at step {kill_at}" in (tmp_path / "node1.log").read_text()
+    assert result["restarts"] == 1 and [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    run = client.get_run(run_id)
+    assert run.data.tags["charlm.restarts"] == "1" and run.data.tags["charlm.nnodes"] == "2"
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss_step")]
+    assert len(steps) == len(set(steps)) and max(steps) == result["steps"] // 5 * 5
+
+
+def test_a_multinode_job_needs_a_fixed_endpoint_and_an_id():
+    with pytest.raises(ValueError, match="fixed host:port"):
+        DistributedConfig(nnodes=2, rdzv_id="x").check_multinode()
+    with pytest.raises(ValueError, match="rdzv_id"):
+        DistributedConfig(nnodes=2, rdzv_endpoint="node0:29400").check_multinode()
+    base = DistributedConfig(nnodes=2, rdzv_endpoint="node0:29400", rdzv_id="nightly")
+    jobs = [base.for_job(arch, i) for i, arch in enumerate(["stateful_gru", "stateful_lstm"])]
+    assert [(j.rdzv_endpoint, j.rdzv_id) for j in jobs] == [
+        ("node0:29400", "nightly-stateful_gru"),
+        ("node0:29401", "nightly-stateful_lstm"),
+    ]
+    assert DistributedConfig().for_job("x", 3) == DistributedConfig()  # one node: ports are picked per job
 
 
 def test_gpu_allocator_gives_disjoint_sets_and_queues_the_rest(tmp_path):
