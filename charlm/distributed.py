@@ -173,7 +173,9 @@ class GpuAllocator:
     Each GPU is an exclusive ``flock`` on a file in ``lock_dir``, so the sets are
     disjoint across threads and across processes (several flow runs on one host),
     and a crashed holder's GPUs are freed by the kernel. ``devices`` defaults to
-    the visible CUDA devices; tests pass a simulated list.
+    the visible CUDA devices; tests pass a simulated list. Lock files are named by
+    the physical GPU (its entry in ``CUDA_VISIBLE_DEVICES``), so processes that see
+    different subsets — Ray gives each task its own — lock different files.
     """
 
     def __init__(
@@ -184,10 +186,17 @@ class GpuAllocator:
         self.lock_dir.mkdir(parents=True, exist_ok=True)
         self.poll = poll
 
+    @staticmethod
+    def physical_id(device: int) -> str:
+        """The host-wide name of visible device ``device`` (an index or a GPU UUID)."""
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        return visible[device] if device < len(visible) else str(device)
+
     def _try(self, count: int) -> tuple[list[int], list[Any]] | None:
         taken, handles = [], []
         for device in self.devices:
-            handle = open(self.lock_dir / f"gpu-{device}.lock", "a+")  # noqa: SIM115 - held while allotted
+            lock = self.lock_dir / f"gpu-{self.physical_id(device)}.lock"
+            handle = open(lock, "a+")  # noqa: SIM115 - held while allotted
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

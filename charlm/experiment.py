@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -76,6 +77,16 @@ def log_corpus_input(run_id: str, corpus: FetchedCorpus) -> None:
         mlflow.log_input(dataset, context="training", tags={"sha256": corpus.sha256, "size": str(corpus.size)})
 
 
+def placement_tags(devices: list[int] | None) -> dict[str, str]:
+    """Where a training ran: the GPUs it was allotted and what the process was shown."""
+    tags = {}
+    if devices is not None:
+        tags["charlm.devices"] = ",".join(map(str, devices))
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:  # set by Ray (num_gpus) or the operator
+        tags["charlm.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return tags
+
+
 def train_architecture(
     config: RunConfig,
     prepared_dir: str,
@@ -110,6 +121,8 @@ def train_architecture(
             "mlflow.parentRunId": parent_run_id,
             "charlm.architecture": arch,
             "charlm.corpus_sha256": corpus.sha256,
+            "charlm.host": socket.gethostname(),
+            **placement_tags(devices),
             **(extra_tags or {}),
         },
     )

@@ -69,6 +69,52 @@ def prepare(text: str, sha256: str, settings: dict[str, Any], root: str) -> dict
     return prepared
 
 
+def start_joining_nodes(dist: DistributedConfig, node_deployment: str | None, gpus: int | None) -> list[Any]:
+    """Ask the work pool behind ``node_deployment`` for the job's other ``nnodes - 1`` nodes
+    (runs of :func:`flows.ddp_node.charlm_ddp_node`); without one, log what to run by hand."""
+    logger = get_run_logger()
+    parameters = {
+        "nnodes": dist.nnodes,
+        "rdzv_endpoint": dist.rdzv_endpoint,
+        "rdzv_id": dist.rdzv_id,
+        "nproc_per_node": dist.nproc_per_node,
+        "max_restarts": dist.max_restarts,
+        "join_timeout": dist.join_timeout,
+        "gpus": gpus,
+        "threads_per_rank": dist.threads_per_rank,
+    }
+    if not node_deployment:
+        logger.info(
+            "waiting up to %.0f s for %d more node(s): on each run  charlm join --nnodes %d --rdzv-endpoint %s "
+            "--rdzv-id %s",
+            dist.join_timeout,
+            dist.nnodes - 1,
+            dist.nnodes,
+            dist.rdzv_endpoint,
+            dist.rdzv_id,
+        )
+        return []
+    from prefect.deployments import run_deployment
+
+    runs = [
+        run_deployment(node_deployment, parameters=parameters, timeout=0, as_subflow=True)
+        for _ in range(dist.nnodes - 1)
+    ]
+    logger.info("%s: %d node run(s) of %s requested", dist.rdzv_id, len(runs), node_deployment)
+    return runs
+
+
+def cancel_pending(runs: list[Any]) -> None:
+    """Node runs no worker picked up must not start after their job failed."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        for run in runs:
+            if not client.read_flow_run(run.id).state.is_final():
+                client.set_flow_run_state(run.id, Cancelled(message="the DDP job's driver failed"), force=True)
+
+
 @task(name="train-architecture")
 def train(
     config: RunConfig,
@@ -79,11 +125,24 @@ def train(
     output_dir: str,
     distributed: DistributedConfig | None = None,
     gpus_per_task: int | None = None,
+    node_deployment: str | None = None,
 ) -> dict[str, Any]:
-    """Train one architecture: in this process, or as a DDP job on an allotted set of GPUs."""
+    """Train one architecture: in this process, or as a DDP job on an allotted set of GPUs —
+    across machines when ``distributed.nnodes > 1`` (this task is the job's driver)."""
     kwargs = dict(experiment_id=experiment_id, parent_run_id=parent_run_id, corpus=corpus, output_dir=output_dir)
     if distributed is None:
         return experiment.train_architecture(config, prepared_dir, **kwargs)
+    if distributed.nnodes > 1:
+        nodes = start_joining_nodes(distributed, node_deployment, gpus_per_task)
+        try:
+            return _train_ddp(config, prepared_dir, distributed, gpus_per_task, kwargs)
+        except BaseException:
+            cancel_pending(nodes)
+            raise
+    return _train_ddp(config, prepared_dir, distributed, gpus_per_task, kwargs)
+
+
+def _train_ddp(config, prepared_dir, distributed, gpus_per_task, kwargs) -> dict[str, Any]:
     if gpus_per_task and torch.cuda.is_available():
         with GpuAllocator().acquire(gpus_per_task) as devices:  # waits for a free, disjoint set
             get_run_logger().info("%s: GPUs %s", config.architecture, devices)
@@ -172,14 +231,24 @@ def charlm_pipeline(
     skip_if_unchanged: bool = False,
     distributed: DistributedConfig | None = None,
     gpus_per_task: int | None = None,
+    node_deployment: str | None = None,
 ) -> dict[str, Any]:
-    """Train and compare architectures on a corpus; see the module docstring."""
+    """Train and compare architectures on a corpus; see the module docstring.
+
+    ``distributed`` makes each architecture a DDP job; with ``nnodes > 1`` the job's
+    other nodes are runs of ``node_deployment`` (a :mod:`flows.ddp_node` deployment on a
+    work pool), or ``charlm join`` started by hand.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     configs = build_configs(architectures, preset_name, overrides)
+    if distributed is not None and distributed.nnodes > 1:
+        if distributed.rdzv_id is None:  # each architecture's job gets "<id>-<architecture>"
+            distributed = distributed.model_copy(update={"rdzv_id": f"charlm-{str(flow_run.get_id())[:8]}"})
+        distributed.check_multinode()
     uri = check_tracking_server()  # an unreachable tracking server fails here, before any work
     mlflow.set_tracking_uri(uri)
     corpus = fetch(corpus_uri, s3_endpoint_url)
@@ -223,7 +292,16 @@ def charlm_pipeline(
         client.log_param(parent_id, "architectures", ",".join(architectures))
         client.log_param(parent_id, "preset", preset_name)
         results, failures = _train_all(
-            configs, prepared, corpus, exp.experiment_id, parent_id, output_dir, concurrency, distributed, gpus_per_task
+            configs,
+            prepared,
+            corpus,
+            exp.experiment_id,
+            parent_id,
+            output_dir,
+            concurrency,
+            distributed,
+            gpus_per_task,
+            node_deployment,
         )
         if failures:
             raise RuntimeError(f"{len(failures)} architecture(s) failed: " + "; ".join(failures))
@@ -270,9 +348,10 @@ def submit_with_resources(task_, gpus: int | None, *args: Any):
         return task_.submit(*args)
 
 
-def make_task_runner(kind: str, address: str | None = None, concurrency: int = 16):
+def make_task_runner(kind: str, address: str | None = None, concurrency: int = 16, **options: Any):
     """``thread`` (default, one host), ``dask`` (prefect-dask) or ``ray`` (prefect-ray); ``address``
-    names an existing cluster (``tcp://scheduler:8786``, ``ray://head:10001``), else a local one starts."""
+    names an existing cluster (``tcp://scheduler:8786``, ``ray://head:10001``), else a local one starts
+    (``options`` go to the runner, e.g. Ray's ``init_kwargs``)."""
     if kind == "thread":
         return ThreadPoolTaskRunner(max_workers=concurrency)
     if kind == "dask":
@@ -286,19 +365,29 @@ def make_task_runner(kind: str, address: str | None = None, concurrency: int = 1
     if kind == "ray":
         from prefect_ray import RayTaskRunner
 
-        return RayTaskRunner(address=address) if address else RayTaskRunner()
+        return RayTaskRunner(address=address, **options)
     raise ValueError(f"task runner {kind!r}: expected thread, dask or ray")
 
 
 def _train_all(
-    configs, prepared, corpus, experiment_id, parent_id, output_dir, concurrency, distributed=None, gpus_per_task=None
+    configs,
+    prepared,
+    corpus,
+    experiment_id,
+    parent_id,
+    output_dir,
+    concurrency,
+    distributed=None,
+    gpus_per_task=None,
+    node_deployment=None,
 ):
     """Submit at most ``concurrency`` training tasks at a time; the rest queue here."""
-    queue = list(configs)
+    queue = list(enumerate(configs))
     running, results, failures = [], [], []
     while queue or running:
         while queue and len(running) < concurrency:
-            config = queue.pop(0)
+            index, config = queue.pop(0)
+            job = distributed.for_job(config.architecture, index) if distributed is not None else None
             key = experiment.preparation_key(corpus.sha256, experiment.preparation_settings(config))
             running.append(
                 submit_with_resources(
@@ -310,8 +399,9 @@ def _train_all(
                     parent_id,
                     corpus,
                     str(output_dir),
-                    distributed,
+                    job,
                     gpus_per_task,
+                    node_deployment,
                 )
             )
         done = next(as_completed(running))
@@ -398,7 +488,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ddp.add_argument("--max-restarts", type=int, default=0, help="restart a failed worker group this often")
     ddp.add_argument("--gpus-per-task", type=int, help="GPUs allotted to each architecture task")
     ddp.add_argument("--nnodes", type=int, help="nodes per job (with --rdzv-endpoint; env CHARLM_NNODES)")
-    ddp.add_argument("--rdzv-endpoint", help="c10d rendezvous host:port shared by the nodes (env CHARLM_RDZV_ENDPOINT)")
+    ddp.add_argument(
+        "--rdzv-endpoint",
+        help="this machine's host:port for the c10d rendezvous of a multi-node job; architecture i uses port + i "
+        "(env CHARLM_RDZV_ENDPOINT)",
+    )
+    ddp.add_argument("--rdzv-id", help="rendezvous id; architecture A's job uses ID-A (env CHARLM_RDZV_ID)")
+    ddp.add_argument(
+        "--node-deployment",
+        default=os.environ.get("CHARLM_NODE_DEPLOYMENT"),
+        help="deployment of flows/ddp_node.py that runs the other nodes, e.g. charlm-ddp-node/gpu "
+        "(env CHARLM_NODE_DEPLOYMENT; without it, start them with 'charlm join')",
+    )
     ddp.add_argument(
         "--task-runner",
         default=os.environ.get("CHARLM_TASK_RUNNER", "thread"),
@@ -421,6 +522,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_restarts": args.max_restarts,
             "nnodes": args.nnodes,
             "rdzv_endpoint": args.rdzv_endpoint,
+            "rdzv_id": args.rdzv_id,
         }
         distributed = DistributedConfig.from_env(**{k: v for k, v in given.items() if v is not None})
     flow_ = charlm_pipeline.with_options(
@@ -440,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         skip_if_unchanged=args.skip_if_unchanged,
         distributed=distributed,
         gpus_per_task=args.gpus_per_task,
+        node_deployment=args.node_deployment,
     )
 
 

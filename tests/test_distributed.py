@@ -228,3 +228,31 @@ def test_gpu_allocator_gives_disjoint_sets_and_queues_the_rest(tmp_path):
     assert len(fifth_got[0]) == 3
     with pytest.raises(ValueError, match="11 GPUs requested"), allocator.acquire(11):
         pass
+
+
+def test_gpu_allocator_locks_physical_gpus_whatever_each_process_sees(tmp_path, monkeypatch):
+    """Ray gives each task its own CUDA_VISIBLE_DEVICES: both see "device 0", which are different GPUs."""
+    import multiprocessing
+
+    first = GpuAllocator(devices=[0], lock_dir=tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with first.acquire(1, timeout=1) as held:
+        assert held == [0] and (tmp_path / "gpu-3.lock").exists()
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+        with GpuAllocator(devices=[0], lock_dir=tmp_path).acquire(1, timeout=1) as other:
+            assert other == [0]  # physical GPU 5: free, no waiting for GPU 3
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:  # another process that sees GPU 3 as its device 0 must wait
+            assert pool.apply(_try_acquire, (str(tmp_path), "3")) == "timeout"
+
+
+def _try_acquire(lock_dir: str, visible: str) -> str:
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    try:
+        with GpuAllocator(devices=[0], lock_dir=lock_dir, poll=0.05).acquire(1, timeout=0.5):
+            return "acquired"
+    except TimeoutError:
+        return "timeout"

@@ -256,3 +256,99 @@ def test_the_task_runner_swaps_for_dask_with_ddp_inside(stack):
     (result,) = summary["results"]
     assert result["world_size"] == 2 and result["epochs"] == 3
     assert MlflowClient(stack["tracking"]).get_run(result["run_id"]).info.status == "FINISHED"
+
+
+@pytest.fixture(scope="module")
+def node_pool(stack, tmp_path_factory):
+    """A Prefect process work pool with a real worker (`prefect worker start`) polling it, and the
+    DDP node flow deployed to it: the second "machine" of a two-node job, here on loopback."""
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.ddp_node import charlm_ddp_node
+
+    root = Path(__file__).resolve().parents[1]
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="loopback-nodes", type="process"))
+    charlm_ddp_node.from_source(source=str(root), entrypoint="flows/ddp_node.py:charlm_ddp_node").deploy(
+        name="loopback", work_pool_name="loopback-nodes"
+    )
+    workdir = tmp_path_factory.mktemp("node-worker")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    log = workdir / "worker.log"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "loopback-nodes", "--type", "process"],
+        cwd=workdir,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield {"deployment": "charlm-ddp-node/loopback", "log": log}
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def test_a_two_node_ddp_job_whose_second_node_comes_from_a_work_pool(stack, node_pool):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from charlm.distributed import DistributedConfig
+    from tests.s3server import free_port
+
+    dist = DistributedConfig(nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", threads_per_rank=1, join_timeout=240)
+    summary = run_flow(
+        stack,
+        architectures=["stateful_gru"],
+        promote_best=False,
+        distributed=dist,
+        node_deployment=node_pool["deployment"],
+    )
+    (result,) = summary["results"]
+    run = MlflowClient(stack["tracking"]).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and result["epochs"] == 3
+    assert run.data.tags["charlm.world_size"] == "2" and run.data.tags["charlm.nnodes"] == "2"
+    with get_client(sync_client=True) as client:
+        node_runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["loopback"]))
+        )
+    assert len(node_runs) == 1, node_pool["log"].read_text()[-3000:]
+    node = node_runs[0]
+    assert node.state.is_completed(), node_pool["log"].read_text()[-3000:]
+    assert node.parameters["rdzv_id"].endswith("-stateful_gru") and node.parameters["nnodes"] == 2
+    assert node.parent_task_run_id is not None  # a subflow of the driver's training task
+
+
+def test_the_task_runner_swaps_for_ray_and_gpus_per_task_become_ray_num_gpus(stack):
+    """A local Ray cluster declaring two (logical) GPUs: two architecture tasks asking for one GPU each
+    are placed by Ray, which gives each its own CUDA_VISIBLE_DEVICES; DDP runs inside each task."""
+    from charlm.distributed import DistributedConfig
+    from flows.pipeline import charlm_pipeline, make_task_runner
+
+    runner = make_task_runner(
+        "ray", concurrency=2, init_kwargs={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False}
+    )
+    assert type(runner).__name__ == "RayTaskRunner"
+    summary = charlm_pipeline.with_options(task_runner=runner)(
+        corpus_uri="s3://corpora/corpus.txt",
+        architectures=["seq_rnn", "char3"],
+        preset_name="tiny",
+        concurrency=2,
+        experiment_name="e2e-ray",
+        s3_endpoint_url=stack["s3_url"],
+        promote_best=False,
+        distributed=DistributedConfig(nproc_per_node=1),
+        gpus_per_task=1,
+    )
+    client = MlflowClient(stack["tracking"])
+    runs = [client.get_run(r["run_id"]) for r in summary["results"]]
+    assert all(r.info.status == "FINISHED" and r.data.tags["charlm.world_size"] == "1" for r in runs)
+    assert sorted(r.data.tags["charlm.cuda_visible_devices"] for r in runs) == ["0", "1"]  # disjoint GPUs

@@ -1,0 +1,55 @@
+"""One extra node of a multi-node DDP job, as a Prefect flow for a work pool.
+
+The pipeline's training task is the job's driver: with ``nnodes > 1`` and a node
+deployment (``python -m flows.pipeline --nnodes 2 --node-deployment charlm-ddp-node/gpu``)
+it runs this flow once per extra node through :func:`prefect.deployments.run_deployment`;
+a Prefect worker on another machine picks each run up and joins torchrun's c10d
+rendezvous at the driver's endpoint. The joining node needs no corpus, data or
+checkpoints: the driver's ranks send them (see :mod:`charlm.ddp_worker`).
+
+    prefect worker start --pool gpu-nodes      # on every machine that may host a node
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger
+
+from charlm.distributed import DistributedConfig, GpuAllocator, join_training
+
+NODE_FLOW_NAME = "charlm-ddp-node"
+
+
+@flow(name=NODE_FLOW_NAME, log_prints=True)
+def charlm_ddp_node(
+    nnodes: int,
+    rdzv_endpoint: str,
+    rdzv_id: str,
+    nproc_per_node: int | None = None,
+    max_restarts: int = 0,
+    join_timeout: float = 600.0,
+    gpus: int | None = None,
+    threads_per_rank: int | None = None,
+) -> dict[str, str | int]:
+    """Run this machine's DDP workers until the job ends (fails with the workers' error)."""
+    dist = DistributedConfig(
+        nnodes=nnodes,
+        rdzv_endpoint=rdzv_endpoint,
+        rdzv_id=rdzv_id,
+        nproc_per_node=nproc_per_node,
+        max_restarts=max_restarts,
+        join_timeout=join_timeout,
+        threads_per_rank=threads_per_rank,
+    )
+    logger = get_run_logger()
+    logger.info("joining %s at %s (%d nodes)", rdzv_id, rdzv_endpoint, nnodes)
+    if gpus:
+        with GpuAllocator().acquire(gpus) as devices:  # disjoint from other jobs on this machine
+            logger.info("GPUs %s", devices)
+            join_training(dist, devices=devices)
+    else:
+        join_training(dist)
+    return {"rdzv_id": rdzv_id, "nnodes": nnodes}
