@@ -36,21 +36,30 @@ from charlm.checkpoint import load_checkpoint
 from charlm.config import RunConfig
 from charlm.training import Callback, DistInfo, Trainer, fit_summary
 
-FAULT_ENV = "CHARLM_FAULT_INJECT"  # "rank=R,step=S": that rank dies at that step, first attempt only
+# "rank=R,step=S[,mode=exit|raise]": that rank dies (exit) or raises an error at that step, first attempt only
+FAULT_ENV = "CHARLM_FAULT_INJECT"
 
 
 class FaultInjector(Callback):
-    """Test hook: kill this worker mid-training (only before the first restart)."""
+    """Test hook: kill this worker mid-training, or make it raise (only before the first restart)."""
 
     all_ranks = True
 
     def __init__(self, spec: str, rank: int, restart_count: int) -> None:
-        fields = dict(part.split("=") for part in spec.split(","))
-        self.rank, self.step = int(fields.get("rank", 0)), int(fields["step"])
+        try:
+            fields = dict(part.split("=") for part in spec.split(","))
+            self.rank, self.step = int(fields.get("rank", 0)), int(fields["step"])
+            self.mode = fields.get("mode", "exit")
+            if self.mode not in ("exit", "raise"):
+                raise ValueError(self.mode)
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: expected rank=R,step=S[,mode=exit|raise] ({err})") from None
         self.armed = restart_count == 0 and rank == self.rank
 
     def on_step_end(self, trainer: Trainer, step: int, loss: float, lr: float) -> None:
         if self.armed and step >= self.step:
+            if self.mode == "raise":
+                raise RuntimeError(f"[charlm fault injection] rank {self.rank} raised at step {step}")
             print(f"[charlm fault injection] rank {self.rank} exits at step {step}", flush=True)
             os._exit(17)
 

@@ -5,6 +5,7 @@ architectures with the tiny preset."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import boto3
@@ -352,3 +353,25 @@ def test_the_task_runner_swaps_for_ray_and_gpus_per_task_become_ray_num_gpus(sta
     runs = [client.get_run(r["run_id"]) for r in summary["results"]]
     assert all(r.info.status == "FINISHED" and r.data.tags["charlm.world_size"] == "1" for r in runs)
     assert sorted(r.data.tags["charlm.cuda_visible_devices"] for r in runs) == ["0", "1"]  # disjoint GPUs
+
+
+def test_a_ddp_worker_error_fails_its_task_with_that_error_and_the_run_is_marked_failed(stack, monkeypatch):
+    from charlm.distributed import DistributedConfig
+
+    monkeypatch.setenv("CHARLM_FAULT_INJECT", "rank=1,step=5,mode=raise")
+    started = time.monotonic()
+    with pytest.raises(
+        RuntimeError,
+        match=r"(?s)1 architecture\(s\) failed: ChildFailedError.*"
+        r"RuntimeError: \[charlm fault injection\] rank 1 raised at step 5",
+    ):
+        run_flow(
+            stack,
+            architectures=["seq_rnn"],
+            experiment_name="e2e-ddp-failure",
+            promote_best=False,
+            distributed=DistributedConfig(nproc_per_node=2, threads_per_rank=1),  # no restarts left
+        )
+    assert time.monotonic() - started < 180  # failed, did not hang
+    (child,) = [r for r in _runs_in(stack, "e2e-ddp-failure") if r.data.tags.get("charlm.architecture") == "seq_rnn"]
+    assert child.info.status == "FAILED" and "rank 1 raised at step 5" in child.data.tags["charlm.error"]
