@@ -170,7 +170,13 @@ def run(spec_json: str) -> dict[str, Any]:
         if rank != 0:
             return {}
         ids = tracker.snapshot_model_ids if tracker else None
-        return {**fit_summary(result, ids), "restarts": restarts, "world_size": world, "device": str(device)}
+        return {
+            **fit_summary(result, ids),
+            "restarts": restarts,
+            "world_size": world,
+            "device": str(device),
+            "node_rank": int(os.environ.get("GROUP_RANK", 0)),  # torchrun's numbering of the driver's node
+        }
     finally:
         torch_dist.destroy_process_group()
 

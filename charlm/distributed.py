@@ -44,7 +44,7 @@ class DistributedConfig(BaseModel):
     monitor_interval: float = Field(0.5, gt=0)
     join_timeout: float = Field(600.0, gt=0, description="seconds to wait for every node to join the rendezvous")
 
-    def check_multinode(self) -> None:
+    def check_multinode(self, require_id: bool = True) -> None:
         """A multi-node job needs an endpoint and an id that every node can be told in advance."""
         if self.nnodes == 1:
             return
@@ -54,7 +54,7 @@ class DistributedConfig(BaseModel):
                 f"rdzv_endpoint {self.rdzv_endpoint!r}: a {self.nnodes}-node job needs a fixed host:port "
                 "that every node can reach (the driver's address), e.g. node0:29400"
             )
-        if not self.rdzv_id:
+        if require_id and not self.rdzv_id:
             raise ValueError(f"rdzv_id: a {self.nnodes}-node job needs an id shared by every node")
 
     def for_job(self, name: str, index: int) -> DistributedConfig:
@@ -122,8 +122,9 @@ def launch_training(
         "tracking": tracking,
     }
     results = elastic_launch(_launch_config(dist, nproc), entrypoint=ddp_worker.run)(json.dumps(spec))
-    # Rank 0 is this node's first worker (the workers put the driver's ranks first).
-    return results.get(0, {})
+    # Keyed by torchrun's ranks, whose node order is its own; the workers renumber themselves so that
+    # rank 0 is this node's first worker, and rank 0 alone returns a summary.
+    return next((summary for summary in results.values() if summary), {})
 
 
 def join_training(dist: DistributedConfig, *, devices: list[int] | None = None, backend: str | None = None) -> None:

@@ -273,6 +273,11 @@ def charlm_pipeline(
         key = experiment.preparation_key(corpus.sha256, settings)
         if key not in prepared:
             prepared[key] = prepare(corpus.text, corpus.sha256, settings, str(home))
+            missing = [f for f in experiment.PREPARED_FILES if not (Path(prepared[key]["dir"]) / f).is_file()]
+            if missing:  # a cached result whose files were deleted since: prepare again
+                print(f"cached preparation {prepared[key]['dir']} lacks {', '.join(missing)}: preparing again")
+                refresh = prepare.with_options(refresh_cache=True)
+                prepared[key] = refresh(corpus.text, corpus.sha256, settings, str(home))
 
     client = MlflowClient()
     exp = mlflow.set_experiment(experiment_name)
@@ -524,7 +529,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rdzv_endpoint": args.rdzv_endpoint,
             "rdzv_id": args.rdzv_id,
         }
-        distributed = DistributedConfig.from_env(**{k: v for k, v in given.items() if v is not None})
+        try:
+            distributed = DistributedConfig.from_env(**{k: v for k, v in given.items() if v is not None})
+            distributed.check_multinode(require_id=False)  # before Prefect starts; the flow names the job
+        except ValueError as err:  # pydantic's ValidationError included
+            parser.error(str(err))
     flow_ = charlm_pipeline.with_options(
         task_runner=make_task_runner(args.task_runner, args.task_runner_address, max(args.concurrency, 1))
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -125,18 +126,44 @@ def two_nodes(name: str, **settings) -> DistributedConfig:
     return DistributedConfig(nnodes=2, rdzv_endpoint=endpoint, rdzv_id=name, threads_per_rank=1, **settings)
 
 
-def test_two_nodes_over_a_c10d_rendezvous_match_one_node_with_two_ranks(tmp_path):
+DRIVE = """
+import json, sys
+from charlm.config import RunConfig
+from charlm.distributed import DistributedConfig, launch_training
+config, data, out, dist, result = sys.argv[1:]
+dist = DistributedConfig.model_validate_json(dist)
+summary = launch_training(RunConfig.model_validate_json(config), data, out, dist=dist)
+open(result, "w").write(json.dumps(summary))
+"""
+
+
+def drive_in_a_later_process(tmp_path, config, data, dist) -> dict:
+    """The driver in a process started after the joining node's: torchrun orders nodes by (host, pid),
+    so the joining node becomes node 0 and the workers must renumber themselves."""
+    result = tmp_path / "driver.json"
+    args = [config.model_dump_json(), str(data), str(tmp_path / "ckpt"), dist.model_dump_json(), str(result)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", DRIVE, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(result.read_text())
+
+
+@pytest.mark.parametrize("driver", ["node 0", "node 1"])
+def test_two_nodes_over_a_c10d_rendezvous_match_one_node_with_two_ranks(tmp_path, driver):
     config = tiny("stateful_gru")
     data = prepared(tmp_path, config)
-    dist = two_nodes("charlm-two-nodes")
+    dist = two_nodes(f"charlm-two-nodes-{driver[-1]}")
     joiner = join_node(tmp_path / "node1", dist, tmp_path / "node1.log")
     try:
-        both = launch_training(config, data, tmp_path / "ckpt", dist=dist)
+        if driver == "node 0":  # this process is older than the joiner's: torchrun makes it node 0
+            both = launch_training(config, data, tmp_path / "ckpt", dist=dist)
+        else:
+            both = drive_in_a_later_process(tmp_path, config, data, dist)
         assert joiner.wait(60) == 0, (tmp_path / "node1.log").read_text()[-3000:]
     finally:
         joiner.kill()
+    assert both["node_rank"] == int(driver[-1]) and both["world_size"] == 2
     one = launch_training(config, data, tmp_path / "one", dist=DistributedConfig(nproc_per_node=2, threads_per_rank=1))
-    assert both["world_size"] == 2
     for a, b in zip(one["history"], both["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=TOLERANCE)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=TOLERANCE)

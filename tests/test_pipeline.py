@@ -146,6 +146,21 @@ def test_rerun_reuses_prepared_artifacts_and_changed_corpus_does_not(stack, firs
     assert set(changed["prepared"]).isdisjoint(prepared)
 
 
+def test_a_cached_preparation_whose_files_were_deleted_is_prepared_again(stack, first_run):
+    import shutil
+
+    from charlm.config import tiny
+    from charlm.experiment import PREPARED_FILES, preparation_key, preparation_settings
+
+    key = preparation_key(first_run["corpus"]["sha256"], preparation_settings(tiny("char3")))
+    entry = first_run["prepared"][key]
+    shutil.rmtree(entry["dir"])
+    again = run_flow(stack, architectures=["char3"], promote_best=False)
+    (redone,) = again["prepared"].values()
+    assert redone["dir"] == entry["dir"] and all((Path(entry["dir"]) / f).is_file() for f in PREPARED_FILES)
+    assert again["results"][0]["epochs"] == 3
+
+
 def _runs_in(stack, experiment="e2e"):
     client = MlflowClient(stack["tracking"])
     exp = client.get_experiment_by_name(experiment)
