@@ -65,7 +65,8 @@ def test_two_ranks_match_one_rank(tmp_path, architecture):
         assert torch.allclose(tensor, two["model"][name], atol=1e-3), name
 
 
-def test_killed_worker_is_restarted_and_resumes_in_the_same_mlflow_run(tmp_path, monkeypatch):
+def mlflow_run(tmp_path):
+    """A run in a local MLflow store, as the pipeline would hand to the DDP job: (client, tracking)."""
     from mlflow.tracking import MlflowClient
 
     from charlm.tracking import check_tracking_server
@@ -74,26 +75,38 @@ def test_killed_worker_is_restarted_and_resumes_in_the_same_mlflow_run(tmp_path,
     check_tracking_server(uri)
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("ddp")).info.run_id
-    config = tiny("stateful_gru")
-    data = prepared(tmp_path, config)
+    return client, {"tracking_uri": uri, "run_id": run_id}
+
+
+def middle_of_second_epoch(config, data) -> int:
     layout = Trainer(config, load_prepared(data)).train_layout
     first, second = (len(layout.plan(epoch, config.seed, True)) for epoch in (0, 1))
-    kill_at = (first + second // 2) // config.log_every * config.log_every  # in the middle of the second epoch
-    monkeypatch.setenv("CHARLM_FAULT_INJECT", f"rank=1,step={kill_at}")
+    return (first + second // 2) // config.log_every * config.log_every
+
+
+def assert_one_complete_run(client, run_id, result) -> None:
+    """Restarted once, resumed: every epoch once, every step metric once, in the one MLflow run."""
+    assert result["restarts"] == 1
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]  # no epoch counted twice
+    assert client.get_run(run_id).data.tags["charlm.restarts"] == "1"
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss_step")]
+    assert len(steps) == len(set(steps)) and max(steps) == result["steps"] // 5 * 5
+
+
+def test_killed_worker_is_restarted_and_resumes_in_the_same_mlflow_run(tmp_path, monkeypatch):
+    client, tracking = mlflow_run(tmp_path)
+    config = tiny("stateful_gru")
+    data = prepared(tmp_path, config)
+    monkeypatch.setenv("CHARLM_FAULT_INJECT", f"rank=1,step={middle_of_second_epoch(config, data)}")
     result = launch_training(
         config,
         data,
         tmp_path / "ckpt",
-        tracking={"tracking_uri": uri, "run_id": run_id},
+        tracking=tracking,
         dist=DistributedConfig(nproc_per_node=2, max_restarts=1, threads_per_rank=1),
     )
-    assert result["restarts"] == 1
-    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]  # no epoch counted twice
-    run = client.get_run(run_id)
-    assert run.data.tags["charlm.restarts"] == "1"
-    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
-    steps = [m.step for m in client.get_metric_history(run_id, "train_loss_step")]
-    assert len(steps) == len(set(steps)) and max(steps) == result["steps"] // 5 * 5
+    assert_one_complete_run(client, tracking["run_id"], result)
 
 
 def test_a_worker_failure_without_restarts_fails_the_launch(tmp_path, monkeypatch):
@@ -173,36 +186,21 @@ def test_two_nodes_over_a_c10d_rendezvous_match_one_node_with_two_ranks(tmp_path
 
 
 def test_a_killed_worker_on_the_joining_node_restarts_both_nodes_and_resumes(tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    from charlm.tracking import check_tracking_server
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    check_tracking_server(uri)
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("multinode")).info.run_id
+    client, tracking = mlflow_run(tmp_path)
     config = tiny("stateful_gru")
     data = prepared(tmp_path, config)
-    layout = Trainer(config, load_prepared(data)).train_layout
-    first, second = (len(layout.plan(epoch, config.seed, True)) for epoch in (0, 1))
-    kill_at = (first + second // 2) // config.log_every * config.log_every
+    kill_at = middle_of_second_epoch(config, data)
     monkeypatch.setenv("CHARLM_FAULT_INJECT", f"rank=1,step={kill_at}")  # rank 1 is the joining node's worker
     dist = two_nodes("charlm-two-nodes-fault", max_restarts=1)
     joiner = join_node(tmp_path / "node1", dist, tmp_path / "node1.log")
     try:
-        result = launch_training(
-            config, data, tmp_path / "ckpt", dist=dist, tracking={"tracking_uri": uri, "run_id": run_id}
-        )
+        result = launch_training(config, data, tmp_path / "ckpt", dist=dist, tracking=tracking)
         assert joiner.wait(60) == 0, (tmp_path / "node1.log").read_text()[-3000:]
     finally:
         joiner.kill()
     assert f"rank 1 exits at step {kill_at}" in (tmp_path / "node1.log").read_text()
-    assert result["restarts"] == 1 and [h["epoch"] for h in result["history"]] == [1, 2, 3]
-    run = client.get_run(run_id)
-    assert run.data.tags["charlm.restarts"] == "1" and run.data.tags["charlm.nnodes"] == "2"
-    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
-    steps = [m.step for m in client.get_metric_history(run_id, "train_loss_step")]
-    assert len(steps) == len(set(steps)) and max(steps) == result["steps"] // 5 * 5
+    assert_one_complete_run(client, tracking["run_id"], result)
+    assert client.get_run(tracking["run_id"]).data.tags["charlm.nnodes"] == "2"
 
 
 def test_a_multinode_job_needs_a_fixed_endpoint_and_an_id():
