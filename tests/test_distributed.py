@@ -281,3 +281,27 @@ def _try_acquire(lock_dir: str, visible: str) -> str:
             return "acquired"
     except TimeoutError:
         return "timeout"
+
+
+def test_processes_and_backend_follow_the_gpus(monkeypatch):
+    """The selection logic, with torch's CUDA queries answered as on an 8-GPU host (no GPU here)."""
+    from charlm import ddp_worker
+    from charlm.distributed import default_nproc
+
+    assert default_nproc([3, 5], "auto") == 2  # the allotted GPUs
+    assert default_nproc(None, "auto") == (torch.cuda.device_count() if torch.cuda.is_available() else 1)
+    with pytest.raises(RuntimeError, match="backend 'nccl' requested but CUDA is not available"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        ddp_worker._device({"backend": "nccl"}, 0)
+    assert ddp_worker._device({"backend": "auto"}, 0) == (torch.device("cpu"), "gloo")
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert default_nproc(None, "auto") == 8  # every visible GPU
+    assert default_nproc(None, "gloo") == 1  # gloo asked for explicitly: CPU ranks
+    assert ddp_worker._device({"backend": "auto", "devices": [4, 6]}, 1) == (torch.device("cuda", 6), "nccl")
+    assert ddp_worker._device({"backend": "auto"}, 2) == (torch.device("cuda", 2), "nccl")
+    assert chosen == [torch.device("cuda", 6), torch.device("cuda", 2)]
+    assert ddp_worker._device({"backend": "gloo"}, 0) == (torch.device("cpu"), "gloo")
