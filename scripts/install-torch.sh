@@ -21,5 +21,14 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   exec $PIP install "$SPEC"
 fi
 echo "install-torch: no GPU, installing the CPU build of $SPEC"
-$PIP install --no-index "$SPEC" 2>/dev/null \
-  || exec $PIP install "$SPEC" --index-url https://download.pytorch.org/whl/cpu
+# A CPU wheel in pip's configured find-links (--no-index: never the CUDA build from PyPI) is
+# installed from its file, its dependencies from the configured indexes.
+local=$(mktemp -d)
+trap 'rm -rf "$local"' EXIT
+if $PIP download -q --no-deps --no-index -d "$local" "$SPEC" >/dev/null 2>&1 \
+    && ls "$local"/torch-*+cpu-*.whl >/dev/null 2>&1; then
+  echo "install-torch: using $(basename "$local"/torch-*.whl) found locally"
+  $PIP install "$local"/torch-*.whl
+else
+  $PIP install "$SPEC" --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+fi
