@@ -10,8 +10,8 @@ in Prefect. Two roles:
   restart, the checkpoint to resume from — a joining node needs no shared disk::
 
     charlm join --nnodes 2 --rdzv-endpoint HOST:29400 --rdzv-id charlm-gru   # or:
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
-        --rdzv-id charlm-gru -m charlm.ddp_worker --join
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29400 --rdzv-id charlm-gru -m charlm.ddp_worker --join
 
 torchrun numbers nodes in an order of its own; the workers renumber themselves so
 that the driver's ranks come first, and rank 0 — on the driver — alone writes

@@ -28,6 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from charlm.config import RunConfig
 
+# Read by torch's c10d rendezvous handler: "1" gives each rendezvous round a fresh store.
+SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
 
 class DistributedConfig(BaseModel):
     """How one architecture's training is distributed. Environment defaults: see :meth:`from_env`."""
@@ -162,8 +165,6 @@ def _launch_config(dist: DistributedConfig, nproc: int):
         start_method="spawn",  # forked workers would inherit the orchestrator's signal handlers
     )
 
-
-SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 # --------------------------------------------------------------------------- GPU placement
 
