@@ -390,3 +390,38 @@ def test_a_ddp_worker_error_fails_its_task_with_that_error_and_the_run_is_marked
     assert time.monotonic() - started < 180  # failed, did not hang
     (child,) = [r for r in _runs_in(stack, "e2e-ddp-failure") if r.data.tags.get("charlm.architecture") == "seq_rnn"]
     assert child.info.status == "FAILED" and "rank 1 raised at step 5" in child.data.tags["charlm.error"]
+
+
+def test_a_multinode_job_whose_nodes_never_come_fails_and_cancels_their_runs(stack):
+    """The node pool has no worker: the driver's rendezvous times out, the task fails with that
+    error (no hang) and the node run nobody picked up is cancelled rather than left to start later."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from charlm.distributed import DistributedConfig
+    from flows.ddp_node import charlm_ddp_node
+    from tests.s3server import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="no-workers", type="process"))
+    charlm_ddp_node.from_source(source=str(root), entrypoint="flows/ddp_node.py:charlm_ddp_node").deploy(
+        name="unserved", work_pool_name="no-workers"
+    )
+    dist = DistributedConfig(nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", join_timeout=15)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"1 architecture\(s\) failed: .*Timeout"):
+        run_flow(
+            stack,
+            architectures=["char3"],
+            experiment_name="e2e-no-nodes",
+            promote_best=False,
+            distributed=dist,
+            node_deployment="charlm-ddp-node/unserved",
+        )
+    assert time.monotonic() - started < 120
+    with get_client(sync_client=True) as client:
+        unserved = DeploymentFilter(name=DeploymentFilterName(any_=["unserved"]))
+        (node,) = client.read_flow_runs(deployment_filter=unserved)
+    assert node.state.is_cancelled()
