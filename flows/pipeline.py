@@ -359,7 +359,8 @@ def submit_with_resources(task_, gpus: int | None, *args: Any):
 def make_task_runner(kind: str, address: str | None = None, concurrency: int = 16, **options: Any):
     """``thread`` (default, one host), ``dask`` (prefect-dask) or ``ray`` (prefect-ray); ``address``
     names an existing cluster (``tcp://scheduler:8786``, ``ray://head:10001``), else a local one starts
-    (``options`` go to the runner, e.g. Ray's ``init_kwargs``)."""
+    (``options`` go to the runner: Ray's ``init_kwargs``, Dask's ``cluster_kwargs`` such as
+    ``resources={"GPU": 8}`` for the local cluster's workers)."""
     if kind == "thread":
         return ThreadPoolTaskRunner(max_workers=concurrency)
     if kind == "dask":
@@ -368,8 +369,9 @@ def make_task_runner(kind: str, address: str | None = None, concurrency: int = 1
         from prefect_dask import DaskTaskRunner
 
         if address:
-            return DaskTaskRunner(address=address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": concurrency, "threads_per_worker": 1, "processes": True})
+            return DaskTaskRunner(address=address, **options)
+        local = {"n_workers": concurrency, "threads_per_worker": 1, "processes": True}
+        return DaskTaskRunner(**{**options, "cluster_kwargs": {**local, **options.get("cluster_kwargs", {})}})
     if kind == "ray":
         from prefect_ray import RayTaskRunner
 

@@ -425,3 +425,29 @@ def test_a_multinode_job_whose_nodes_never_come_fails_and_cancels_their_runs(sta
         unserved = DeploymentFilter(name=DeploymentFilterName(any_=["unserved"]))
         (node,) = client.read_flow_runs(deployment_filter=unserved)
     assert node.state.is_cancelled()
+
+
+def test_with_dask_gpus_per_task_become_a_worker_resource(stack):
+    """One Dask worker with two threads but one (declared) GPU: two tasks asking for a GPU each
+    must run one after the other, though a thread is free."""
+    from charlm.distributed import DistributedConfig
+    from flows.pipeline import charlm_pipeline, make_task_runner
+
+    runner = make_task_runner(
+        "dask", concurrency=2, cluster_kwargs={"n_workers": 1, "threads_per_worker": 2, "resources": {"GPU": 1}}
+    )
+    summary = charlm_pipeline.with_options(task_runner=runner)(
+        corpus_uri="s3://corpora/corpus.txt",
+        architectures=["seq_rnn", "char3"],
+        preset_name="tiny",
+        concurrency=2,
+        experiment_name="e2e-dask-gpu",
+        s3_endpoint_url=stack["s3_url"],
+        promote_best=False,
+        distributed=DistributedConfig(nproc_per_node=1),
+        gpus_per_task=1,
+    )
+    client = MlflowClient(stack["tracking"])
+    runs = sorted((client.get_run(r["run_id"]) for r in summary["results"]), key=lambda r: r.info.start_time)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert runs[1].info.start_time >= runs[0].info.end_time  # the GPU resource serialized them
