@@ -33,9 +33,14 @@ def test_compose_services_and_env_names_agree():
     for name, service in services.items():
         for dep in service.get("depends_on", []):
             assert dep in services, f"{name} depends on unknown {dep}"
-    worker = services["prefect-worker"]
-    gpu = worker["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    for name in ("prefect-worker", "node-worker"):
+        gpu = services[name]["deploy"]["resources"]["reservations"]["devices"][0]
+        assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    # the extra machines serve the pool of prefect.yaml's node deployment, on the host's network
+    deployments = load_yaml("prefect.yaml")["deployments"]
+    (node_pool,) = {d["work_pool"]["name"] for d in deployments if "ddp_node" in d["entrypoint"]}
+    assert f"--pool {node_pool}" in services["node-worker"]["command"]
+    assert services["node-worker"]["network_mode"] == "host" and services["node-worker"]["profiles"] == ["node"]
     assert "postgresql" in services["mlflow"]["command"] and "s3://" in services["mlflow"]["command"]
     assert services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
         "postgresql+asyncpg://"
