@@ -28,6 +28,7 @@ bench:
 	$(PY) bench/throughput.py
 	$(PY) bench/quality.py
 	$(PY) bench/pipeline_overhead.py
+	$(PY) bench/ddp_scaling.py
 
 clean:
 	rm -rf $(VENV) runs mlruns mlflow.db .charlm .pytest_cache
