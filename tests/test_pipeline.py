@@ -46,7 +46,7 @@ def stack(tmp_path_factory):
         os.environ.update(saved)
 
 
-def run_flow(stack, key="corpus.txt", **kwargs):
+def run_flow(stack, key="corpus.txt", task_runner=None, **kwargs):
     from flows.pipeline import charlm_pipeline
 
     params = {
@@ -58,7 +58,8 @@ def run_flow(stack, key="corpus.txt", **kwargs):
         "s3_endpoint_url": stack["s3_url"],
         **kwargs,
     }
-    return charlm_pipeline(**params)
+    flow_ = charlm_pipeline.with_options(task_runner=task_runner) if task_runner else charlm_pipeline
+    return flow_(**params)
 
 
 @pytest.fixture(scope="module")
@@ -256,22 +257,40 @@ def test_two_ddp_architecture_tasks_at_once(stack):
 
 def test_the_task_runner_swaps_for_dask_with_ddp_inside(stack):
     from charlm.distributed import DistributedConfig
-    from flows.pipeline import charlm_pipeline, make_task_runner
+    from flows.pipeline import make_task_runner
 
-    flow_ = charlm_pipeline.with_options(task_runner=make_task_runner("dask", concurrency=2))
-    summary = flow_(
-        corpus_uri="s3://corpora/corpus.txt",
+    summary = run_flow(
+        stack,
+        task_runner=make_task_runner("dask", concurrency=2),
         architectures=["seq_rnn"],
-        preset_name="tiny",
         concurrency=1,
         experiment_name="e2e-dask",
-        s3_endpoint_url=stack["s3_url"],
         promote_best=False,
         distributed=DistributedConfig(nproc_per_node=2, threads_per_rank=1),
     )
     (result,) = summary["results"]
     assert result["world_size"] == 2 and result["epochs"] == 3
     assert MlflowClient(stack["tracking"]).get_run(result["run_id"]).info.status == "FINISHED"
+
+
+def runs_of_two_gpu_tasks(stack, runner, experiment_name):
+    """Two architectures, one (declared) GPU each, DDP inside, through ``runner``: their MLflow runs."""
+    from charlm.distributed import DistributedConfig
+
+    summary = run_flow(
+        stack,
+        task_runner=runner,
+        architectures=["seq_rnn", "char3"],
+        concurrency=2,
+        experiment_name=experiment_name,
+        promote_best=False,
+        distributed=DistributedConfig(nproc_per_node=1),
+        gpus_per_task=1,
+    )
+    client = MlflowClient(stack["tracking"])
+    runs = sorted((client.get_run(r["run_id"]) for r in summary["results"]), key=lambda r: r.info.start_time)
+    assert all(r.info.status == "FINISHED" and r.data.tags["charlm.world_size"] == "1" for r in runs)
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -346,27 +365,13 @@ def test_a_two_node_ddp_job_whose_second_node_comes_from_a_work_pool(stack, node
 def test_the_task_runner_swaps_for_ray_and_gpus_per_task_become_ray_num_gpus(stack):
     """A local Ray cluster declaring two (logical) GPUs: two architecture tasks asking for one GPU each
     are placed by Ray, which gives each its own CUDA_VISIBLE_DEVICES; DDP runs inside each task."""
-    from charlm.distributed import DistributedConfig
-    from flows.pipeline import charlm_pipeline, make_task_runner
+    from flows.pipeline import make_task_runner
 
     runner = make_task_runner(
         "ray", concurrency=2, init_kwargs={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False}
     )
     assert type(runner).__name__ == "RayTaskRunner"
-    summary = charlm_pipeline.with_options(task_runner=runner)(
-        corpus_uri="s3://corpora/corpus.txt",
-        architectures=["seq_rnn", "char3"],
-        preset_name="tiny",
-        concurrency=2,
-        experiment_name="e2e-ray",
-        s3_endpoint_url=stack["s3_url"],
-        promote_best=False,
-        distributed=DistributedConfig(nproc_per_node=1),
-        gpus_per_task=1,
-    )
-    client = MlflowClient(stack["tracking"])
-    runs = [client.get_run(r["run_id"]) for r in summary["results"]]
-    assert all(r.info.status == "FINISHED" and r.data.tags["charlm.world_size"] == "1" for r in runs)
+    runs = runs_of_two_gpu_tasks(stack, runner, "e2e-ray")
     assert sorted(r.data.tags["charlm.cuda_visible_devices"] for r in runs) == ["0", "1"]  # disjoint GPUs
 
 
@@ -430,24 +435,10 @@ def test_a_multinode_job_whose_nodes_never_come_fails_and_cancels_their_runs(sta
 def test_with_dask_gpus_per_task_become_a_worker_resource(stack):
     """One Dask worker with two threads but one (declared) GPU: two tasks asking for a GPU each
     must run one after the other, though a thread is free."""
-    from charlm.distributed import DistributedConfig
-    from flows.pipeline import charlm_pipeline, make_task_runner
+    from flows.pipeline import make_task_runner
 
     runner = make_task_runner(
         "dask", concurrency=2, cluster_kwargs={"n_workers": 1, "threads_per_worker": 2, "resources": {"GPU": 1}}
     )
-    summary = charlm_pipeline.with_options(task_runner=runner)(
-        corpus_uri="s3://corpora/corpus.txt",
-        architectures=["seq_rnn", "char3"],
-        preset_name="tiny",
-        concurrency=2,
-        experiment_name="e2e-dask-gpu",
-        s3_endpoint_url=stack["s3_url"],
-        promote_best=False,
-        distributed=DistributedConfig(nproc_per_node=1),
-        gpus_per_task=1,
-    )
-    client = MlflowClient(stack["tracking"])
-    runs = sorted((client.get_run(r["run_id"]) for r in summary["results"]), key=lambda r: r.info.start_time)
-    assert all(r.info.status == "FINISHED" for r in runs)
+    runs = runs_of_two_gpu_tasks(stack, runner, "e2e-dask-gpu")
     assert runs[1].info.start_time >= runs[0].info.end_time  # the GPU resource serialized them
