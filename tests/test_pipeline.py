@@ -1,6 +1,6 @@
 """End to end: a real S3 server (moto), a real `mlflow server` (PostgreSQL backend,
-artifacts in that S3) and Prefect's test harness; the flow trains three
-architectures with the tiny preset."""
+artifacts in that S3) and a real `prefect server` (its state in PostgreSQL too, as in
+production); the flow trains three architectures with the tiny preset."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import generated_text
-from tests.services import CREDENTIALS, mlflow_server, moto_server, postgres_database
+from tests.services import CREDENTIALS, mlflow_server, moto_server, postgres_database, prefect_server
 
 pytestmark = pytest.mark.integration
 
@@ -27,10 +27,10 @@ def stack(tmp_path_factory):
     os.environ.update(CREDENTIALS)
     os.environ["CHARLM_HOME"] = str(work / "home")
     os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(work / "prefect-results")
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     try:
-        with moto_server() as s3_url, postgres_database() as db_uri:
+        with moto_server() as s3_url, postgres_database() as db_uri, postgres_database() as prefect_db:
             s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1")
             for bucket in ("corpora", "mlflow-artifacts"):
                 s3.create_bucket(Bucket=bucket)
@@ -39,8 +39,15 @@ def stack(tmp_path_factory):
             s3.put_object(Bucket="corpora", Key="latin1.txt", Body="déjà vu".encode("latin-1"))
             with mlflow_server(db_uri, "s3://mlflow-artifacts/", work, s3_endpoint=s3_url) as tracking:
                 os.environ["MLFLOW_TRACKING_URI"] = tracking
-                with prefect_test_harness(server_startup_timeout=180):
-                    yield {"s3_url": s3_url, "s3": s3, "tracking": tracking, "home": work / "home"}
+                with prefect_server(prefect_db, work) as api, temporary_settings({PREFECT_API_URL: api}):
+                    try:
+                        yield {"s3_url": s3_url, "s3": s3, "tracking": tracking, "home": work / "home"}
+                    finally:  # send the logs and events still queued before the server stops
+                        from prefect.events.worker import EventsWorker
+                        from prefect.logging.handlers import APILogWorker
+
+                        APILogWorker.drain_all(timeout=10)
+                        EventsWorker.drain_all(timeout=10)
     finally:
         os.environ.clear()
         os.environ.update(saved)
