@@ -1,0 +1,37 @@
+"""The README's main command on the embedded defaults: Prefect's ephemeral mode (no
+PREFECT_API_URL) and a local MLflow SQLite store (no MLFLOW_TRACKING_URI), in a fresh process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import generated_text
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_pipeline_runs_on_ephemeral_prefect_and_local_sqlite_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_text(800, seed=3), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CHARLM_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "flows.pipeline", "--corpus-uri", str(corpus), "--preset", "tiny"]
+    command += ["--arch", "char3", "stateful_gru"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout + done.stderr
+    assert "charlm pipeline finished" in out and "is the new champion" in out
+    assert "Starting temporary server" in out  # Prefect's ephemeral mode, not a configured server
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # MLflow's default store, in the working directory
+    champion = client.get_model_version_by_alias("charlm", "champion")
+    assert champion.tags["charlm.architecture"] in {"char3", "stateful_gru"}
+    assert (tmp_path / ".charlm" / "runs").is_dir()  # CHARLM_HOME's default, under the working directory
