@@ -203,7 +203,7 @@ def cmd_join(args: argparse.Namespace) -> None:
         "threads_per_rank": args.threads_per_rank,
         "join_timeout": args.join_timeout,
     }
-    dist = DistributedConfig.from_env(**{k: v for k, v in given.items() if v is not None})
+    dist = DistributedConfig.from_env(**given)
     devices = [int(d) for d in args.devices.split(",")] if args.devices else None
     dist.check_multinode()
     print(f"charlm join: {dist.rdzv_id} at {dist.rdzv_endpoint}, {dist.nnodes} nodes", file=sys.stderr, flush=True)

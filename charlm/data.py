@@ -152,11 +152,6 @@ class Vocabulary:
         n = len(self)
         return torch.uint8 if n <= 256 else torch.int16 if n <= 32768 else torch.int32
 
-    def unknown_chars(self, text: str) -> list[str]:
-        if self.lowercase:
-            text = text.lower()
-        return sorted(set(text) - set(self.chars))
-
     def encode(self, text: str, *, on_unknown: str = "unk", source: str = "text") -> torch.Tensor:
         """Encode ``text`` as a 1-D compact tensor.
 

@@ -72,7 +72,8 @@ class DistributedConfig(BaseModel):
     @classmethod
     def from_env(cls, **overrides: Any) -> DistributedConfig:
         """``CHARLM_NPROC_PER_NODE``, ``CHARLM_NNODES``, ``CHARLM_RDZV_ENDPOINT``, ``CHARLM_RDZV_ID``,
-        ``CHARLM_MAX_RESTARTS`` — the multi-node settings each node's worker sets."""
+        ``CHARLM_MAX_RESTARTS`` — the multi-node settings each node's worker sets. ``overrides``
+        (command-line flags) win over the environment; a None override is not given."""
         env = {
             "nproc_per_node": os.environ.get("CHARLM_NPROC_PER_NODE"),
             "nnodes": os.environ.get("CHARLM_NNODES"),
@@ -80,7 +81,8 @@ class DistributedConfig(BaseModel):
             "rdzv_id": os.environ.get("CHARLM_RDZV_ID"),
             "max_restarts": os.environ.get("CHARLM_MAX_RESTARTS"),
         }
-        return cls.model_validate({**{k: v for k, v in env.items() if v is not None}, **overrides})
+        given = {**env, **{k: v for k, v in overrides.items() if v is not None}}
+        return cls.model_validate({k: v for k, v in given.items() if v is not None})
 
 
 def default_nproc(devices: list[int] | None, backend: str) -> int:

@@ -13,6 +13,7 @@ Nothing outside this module looks at an architecture's name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,12 +38,13 @@ class CharModel(nn.Module):
         return None
 
 
-def _detach(state: State) -> State:
+def map_state(state: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:
+    """Apply ``fn`` to each tensor of a hidden state (None, a tensor, or an LSTM's (h, c))."""
     if state is None:
         return None
-    if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)
-    return state.detach()
+    if isinstance(state, (tuple, list)):
+        return tuple(fn(s) for s in state)
+    return fn(state)
 
 
 def _state_batch(state: State) -> int:
@@ -56,7 +58,7 @@ class StatefulMixin:
     def carry_state(self, state: State, batch_size: int, device: torch.device) -> State:
         if state is None or _state_batch(state) != batch_size:
             return self.init_state(batch_size, device)  # type: ignore[attr-defined]
-        return _detach(state)
+        return map_state(state, torch.Tensor.detach)
 
 
 # --------------------------------------------------------------------------- windowed models

@@ -24,7 +24,7 @@ from torch import nn
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import RunConfig
 from charlm.data import PAD_INDEX, Layout, PreparedCorpus, make_layout
-from charlm.models import CharModel, State, build_model, count_parameters, get_architecture
+from charlm.models import CharModel, State, build_model, count_parameters, get_architecture, map_state
 from charlm.schedule import Schedule
 
 
@@ -378,7 +378,7 @@ class Trainer:
             "model": self.module.state_dict(),  # the plain module, never the DDP wrapper
             "optimizer": self.optimizer.state_dict(),
             "progress": {"step": self.step, "epoch": self.epoch, "batch": self.batch},
-            "state": _to_cpu(self.state),
+            "state": map_state(self.state, lambda s: s.detach().cpu()),
             "epoch_sums": {
                 "loss_sum": float(self._loss_sum),
                 "chars": self._chars,
@@ -423,7 +423,7 @@ class Trainer:
         self.step, self.epoch, self.batch = progress["step"], progress["epoch"], progress["batch"]
         single = self.dist.world_size == 1 and payload.get("world_size", 1) == 1
         # The carried hidden state is rank 0's; in a distributed run every rank restarts its rows from zero.
-        self.state = _to_device(payload["state"], self.device) if single and self.batch else None
+        self.state = map_state(payload["state"], lambda s: s.to(self.device)) if single and self.batch else None
         sums = payload["epoch_sums"]
         # Mid-epoch sums are global (reduced before saving): rank 0 carries them, the others start at zero.
         keep = self.dist.is_main
@@ -444,22 +444,6 @@ class Trainer:
         trainer = cls(RunConfig.model_validate(payload["config"]), corpus, **kwargs)
         trainer.load_state_dict(payload)
         return trainer
-
-
-def _to_cpu(state: State) -> State:
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return tuple(s.detach().cpu() for s in state)
-    return state.detach().cpu()
-
-
-def _to_device(state: State, device: torch.device) -> State:
-    if state is None:
-        return None
-    if isinstance(state, (tuple, list)):
-        return tuple(s.to(device) for s in state)
-    return state.to(device)
 
 
 def prepare_for(config: RunConfig, text: str) -> PreparedCorpus:

@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rdzv_id": args.rdzv_id,
         }
         try:
-            distributed = DistributedConfig.from_env(**{k: v for k, v in given.items() if v is not None})
+            distributed = DistributedConfig.from_env(**given)
             distributed.check_multinode(require_id=False)  # before Prefect starts; the flow names the job
         except ValueError as err:  # pydantic's ValidationError included
             parser.error(str(err))

@@ -300,6 +300,21 @@ def runs_of_two_gpu_tasks(stack, runner, experiment_name):
     return runs
 
 
+def deploy_node_flow(pool: str, name: str) -> None:
+    """A process work pool, and the DDP node flow deployed to it from this checkout."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.ddp_node import charlm_ddp_node
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    root = Path(__file__).resolve().parents[1]
+    charlm_ddp_node.from_source(source=str(root), entrypoint="flows/ddp_node.py:charlm_ddp_node").deploy(
+        name=name, work_pool_name=pool
+    )
+
+
 @pytest.fixture(scope="module")
 def node_pool(stack, tmp_path_factory):
     """A Prefect process work pool with a real worker (`prefect worker start`) polling it, and the
@@ -307,18 +322,9 @@ def node_pool(stack, tmp_path_factory):
     import subprocess
     import sys
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL
 
-    from flows.ddp_node import charlm_ddp_node
-
-    root = Path(__file__).resolve().parents[1]
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="loopback-nodes", type="process"))
-    charlm_ddp_node.from_source(source=str(root), entrypoint="flows/ddp_node.py:charlm_ddp_node").deploy(
-        name="loopback", work_pool_name="loopback-nodes"
-    )
+    deploy_node_flow("loopback-nodes", "loopback")
     workdir = tmp_path_factory.mktemp("node-worker")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1"}
     log = workdir / "worker.log"
@@ -408,19 +414,12 @@ def test_a_multinode_job_whose_nodes_never_come_fails_and_cancels_their_runs(sta
     """The node pool has no worker: the driver's rendezvous times out, the task fails with that
     error (no hang) and the node run nobody picked up is cancelled rather than left to start later."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     from charlm.distributed import DistributedConfig
-    from flows.ddp_node import charlm_ddp_node
     from tests.s3server import free_port
 
-    root = Path(__file__).resolve().parents[1]
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="no-workers", type="process"))
-    charlm_ddp_node.from_source(source=str(root), entrypoint="flows/ddp_node.py:charlm_ddp_node").deploy(
-        name="unserved", work_pool_name="no-workers"
-    )
+    deploy_node_flow("no-workers", "unserved")
     dist = DistributedConfig(nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", join_timeout=15)
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"1 architecture\(s\) failed: .*Timeout"):
