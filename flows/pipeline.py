@@ -495,7 +495,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ddp = parser.add_argument_group("distributed training (torch DDP through torch's elastic launcher)")
     ddp.add_argument("--ddp", action="store_true", help="train each architecture as a DDP job")
     ddp.add_argument("--nproc-per-node", type=int, help="workers per node (default: the task's GPUs, 1 on CPU)")
-    ddp.add_argument("--max-restarts", type=int, default=0, help="restart a failed worker group this often")
+    ddp.add_argument(
+        "--max-restarts", type=int, help="restart a failed worker group this often (env CHARLM_MAX_RESTARTS; default 0)"
+    )
     ddp.add_argument("--gpus-per-task", type=int, help="GPUs allotted to each architecture task")
     ddp.add_argument("--nnodes", type=int, help="nodes per job (with --rdzv-endpoint; env CHARLM_NNODES)")
     ddp.add_argument(
