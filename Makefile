@@ -20,9 +20,10 @@ run: setup  ## the main job: the Prefect pipeline on the embedded defaults (ephe
 test: setup  ## the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint:
+lint: setup  ## ruff (lint + format) and mypy --strict on charlm/
 	$(VENV)/bin/ruff check charlm flows tests bench
 	$(VENV)/bin/ruff format --check charlm flows tests bench
+	$(VENV)/bin/mypy
 
 bench:
 	$(PY) bench/throughput.py

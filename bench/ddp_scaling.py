@@ -38,15 +38,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from charlm.config import Phase, notebook
-    from charlm.data import read_corpus
     from charlm.distributed import DistributedConfig, launch_training
-    from charlm.experiment import preparation_settings, prepare_artifacts
+    from charlm.job import TrainJob
+    from charlm.prepared import prepare
 
     work = Path(tempfile.mkdtemp(prefix="charlm-ddp-"))
-    text = read_corpus(args.corpus)
     backend = "nccl" if args.device == "cuda" else "gloo"
     one_epoch = notebook(args.arch).override({"schedule": [Phase.constant(1e-3, 1).model_dump()], "progress": False})
-    data = prepare_artifacts(text, preparation_settings(one_epoch), work / "prepared")["dir"]
+    data = prepare(args.corpus, one_epoch, work / "store")
 
     figures: dict[int, list[float]] = {r: [] for r in args.ranks}
     for trial in range(args.trials):
@@ -56,11 +55,10 @@ def main() -> None:
                 backend=backend,
                 threads_per_rank=max(args.threads // ranks, 1) if args.device == "cpu" else None,
             )
-            out = launch_training(one_epoch, data, work / f"t{trial}-r{ranks}", dist=dist)
-            figures[ranks].append(out["history"][0]["chars_per_sec"])
-            print(
-                f"trial {trial + 1}: {ranks} rank(s) on {out['device']}: {figures[ranks][-1]:,.0f} chars/s", flush=True
-            )
+            job = TrainJob(config=one_epoch, data=data, checkpoint_dir=str(work / f"t{trial}-r{ranks}"))
+            out = launch_training(job, dist=dist)
+            figures[ranks].append(out.history[0]["chars_per_sec"])
+            print(f"trial {trial + 1}: {ranks} rank(s) on {out.device}: {figures[ranks][-1]:,.0f} chars/s", flush=True)
     base = statistics.median(figures[args.ranks[0]])
     report = {"arch": args.arch, "device": args.device, "chars_per_sec": figures}
     for ranks in args.ranks:
@@ -71,17 +69,17 @@ def main() -> None:
         print(line)
     if args.lstm_schedule:
         lstm = notebook("stateful_lstm").override({"progress": False})
-        lstm_data = prepare_artifacts(text, preparation_settings(lstm), work / "prepared-lstm")["dir"]
+        job = TrainJob(config=lstm, data=prepare(args.corpus, lstm, work / "store"), checkpoint_dir=str(work / "lstm"))
         t0 = time.perf_counter()
-        out = launch_training(lstm, lstm_data, work / "lstm", dist=DistributedConfig(nproc_per_node=1, backend=backend))
+        out = launch_training(job, dist=DistributedConfig(nproc_per_node=1, backend=backend))
         report["lstm_schedule"] = {
             "wall_s": time.perf_counter() - t0,
-            "best_val_loss": out["best_val_loss"],
-            "epochs": len(out["history"]),
+            "best_val_loss": out.best_val_loss,
+            "epochs": out.epochs,
         }
         print(
-            f"stateful_lstm notebook schedule ({len(out['history'])} epochs) on {out['device']}: "
-            f"{report['lstm_schedule']['wall_s']:.0f}s, best val loss {out['best_val_loss']:.4f}"
+            f"stateful_lstm notebook schedule ({out.epochs} epochs) on {out.device}: "
+            f"{report['lstm_schedule']['wall_s']:.0f}s, best val loss {out.best_val_loss:.4f}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from charlm.config import Phase, notebook
 from charlm.data import read_corpus
-from charlm.training import Trainer, prepare_for
+from charlm.prepared import prepare_for
+from charlm.training import Trainer
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nietzsche.txt"
 

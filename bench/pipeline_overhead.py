@@ -49,8 +49,10 @@ def main() -> None:
 
     from charlm.config import Phase, notebook
     from charlm.data import read_corpus
+    from charlm.prepared import prepare_for
     from charlm.tracking import check_tracking_server
-    from charlm.training import Trainer, prepare_for
+    from charlm.training import Trainer
+    from flows.params import PipelineParams
     from flows.pipeline import charlm_pipeline
 
     one_epoch = [Phase.constant(1e-3, 1).model_dump()]
@@ -81,12 +83,14 @@ def main() -> None:
     def pipeline(trial: int) -> float:
         t0 = time.perf_counter()
         charlm_pipeline(
-            corpus_uri=args.corpus,
-            architectures=[args.arch],
-            preset_name="notebook",
-            overrides={"*": {"schedule": one_epoch}},
-            concurrency=1,
-            experiment_name="overhead",
+            PipelineParams(
+                corpus_uri=args.corpus,
+                architectures=[args.arch],
+                preset_name="notebook",
+                overrides={"*": {"schedule": one_epoch}},
+                concurrency=1,
+                experiment_name="overhead",
+            )
         )
         return time.perf_counter() - t0
 

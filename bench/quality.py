@@ -25,7 +25,8 @@ from pathlib import Path
 
 from charlm.config import preset
 from charlm.data import read_corpus
-from charlm.training import Callback, Trainer, prepare_for
+from charlm.prepared import prepare_for
+from charlm.training import Callback, Trainer
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nietzsche.txt"
 

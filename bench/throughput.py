@@ -23,7 +23,8 @@ from torch import nn
 
 from charlm.config import notebook
 from charlm.data import read_corpus
-from charlm.training import Trainer, prepare_for
+from charlm.prepared import prepare_for
+from charlm.training import Trainer
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nietzsche.txt"
 

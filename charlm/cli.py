@@ -7,8 +7,14 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from charlm import __version__
+
+if TYPE_CHECKING:
+    from charlm.config import RunConfig
+    from charlm.generate import LoadedModel
+    from charlm.training import Trainer
 
 CORPUS_ENV = "CHARLM_CORPUS"
 
@@ -39,7 +45,7 @@ def cmd_architectures(args: argparse.Namespace) -> None:
         print(f"{arch.name:<{width}}  {arch.layout:<8}  {arch.notebook_name}: {arch.description}")
 
 
-def _config_from_args(args: argparse.Namespace):
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
     from charlm.config import preset
 
     config = preset(args.preset, args.arch)
@@ -62,7 +68,7 @@ class _EpochPrinter:
         from charlm.training import Callback
 
         class Printer(Callback):
-            def on_fit_start(self, trainer) -> None:
+            def on_fit_start(self, trainer: Trainer) -> None:
                 print(
                     f"{trainer.config.architecture}: {trainer.parameters:,} parameters, {trainer.device}, "
                     f"{trainer.schedule.total_epochs} epochs",
@@ -73,57 +79,51 @@ class _EpochPrinter:
                     flush=True,
                 )
 
-            def on_epoch_end(self, trainer, epoch: int, m: dict) -> None:
+            def on_epoch_end(self, trainer: Trainer, epoch: int, m: dict[str, float]) -> None:
                 print(
                     f"{epoch + 1:>5} {m['train_loss']:>10.4f} {m['val_loss']:>9.4f} {m['val_bpc']:>8.4f} "
                     f"{m['val_accuracy']:>8.4f} {m['chars_per_sec']:>10,.0f}",
                     flush=True,
                 )
 
-            def on_cycle_end(self, trainer, cycle: int, m: dict) -> None:
+            def on_cycle_end(self, trainer: Trainer, cycle: int, m: dict[str, float]) -> None:
                 print(f"      SGDR cycle {cycle} ended: snapshot saved", flush=True)
 
         self.callback = Printer()
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from charlm.data import read_corpus
-    from charlm.training import Trainer, prepare_for
+    from charlm import prepared
+    from charlm.job import TrainJob, run_job
 
-    text = read_corpus(_corpus_path(args.corpus))
+    corpus = _corpus_path(args.corpus)
     out = Path(args.out)
-    callbacks = [] if args.quiet else [_EpochPrinter().callback]
     if args.resume:
         from charlm.checkpoint import load_checkpoint
         from charlm.config import RunConfig
 
         config = RunConfig.model_validate(load_checkpoint(args.resume)["config"])
-        trainer = Trainer.resume(args.resume, prepare_for(config, text), callbacks=callbacks, checkpoint_dir=out)
     else:
         config = _config_from_args(args)
-        trainer = Trainer(config, prepare_for(config, text), callbacks=callbacks, checkpoint_dir=out)
-    result = trainer.fit(max_steps=args.max_steps)
-    if args.max_steps is not None and result.stopped_early:
-        path = trainer.save_checkpoint(out / "last.pt")
+    job = TrainJob(
+        config=config,
+        data=prepared.prepare(corpus, config),
+        checkpoint_dir=str(out),
+        resume=args.resume,
+        max_steps=args.max_steps,
+    )
+    result = run_job(job, callbacks=[] if args.quiet else [_EpochPrinter().callback])
+    if result.stopped_early:
         print(
-            f"stopped after {result.steps} steps; resume with: charlm train --resume {path} "
-            f"--corpus {args.corpus or '$' + CORPUS_ENV}"
+            f"stopped after {result.steps} steps; resume with: charlm train --resume {out / 'last.pt'} "
+            f"--corpus {args.corpus or '$' + CORPUS_ENV} --out {out}"
         )
-    summary = {
-        "architecture": config.architecture,
-        "best_val_loss": result.best_val_loss,
-        "best_epoch": result.best_epoch,
-        "steps": result.steps,
-        "wall_time_s": round(result.wall_time, 2),
-        "parameters": result.parameters,
-        "checkpoints": result.checkpoints,
-    }
     if args.json:
-        _print_json({**summary, "history": result.history})
+        _print_json(result.model_dump(exclude={"run_id", "snapshot_model_ids", "best_model_id"}))
     else:
         print(
             f"best val loss {result.best_val_loss:.4f} nats/char at epoch {result.best_epoch}; "
-            f"{result.wall_time:.1f}s; checkpoints in {out}"
+            f"{result.wall_time_s:.1f}s; checkpoints in {out}"
         )
 
 
@@ -136,7 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _print_json({"model": args.checkpoint or args.model, "architecture": loaded.config.architecture, **metrics})
 
 
-def _load_model(args: argparse.Namespace):
+def _load_model(args: argparse.Namespace) -> LoadedModel:
     from charlm.generate import LoadedModel
 
     if bool(args.checkpoint) == bool(args.model):
@@ -168,14 +168,14 @@ def cmd_promote(args: argparse.Namespace) -> None:
         return
     if not args.run:
         raise CliError("give --run PARENT_RUN_ID (or --rollback)")
-    from charlm.experiment import promote_run
-
-    text = None
+    read_corpus = None
     if args.corpus or os.environ.get(CORPUS_ENV):
-        from charlm.data import read_corpus
+        from charlm.data import read_corpus as read
 
-        text = read_corpus(_corpus_path(args.corpus))
-    _print_json(promote_run(args.run, model_name=args.model_name, margin=args.margin, corpus_text=text).as_dict())
+        path = _corpus_path(args.corpus)
+        read_corpus = lambda: read(path)
+    decision = registry.promote_run(args.run, model_name=args.model_name, margin=args.margin, read_corpus=read_corpus)
+    _print_json(decision.as_dict())
 
 
 def cmd_vocab(args: argparse.Namespace) -> None:

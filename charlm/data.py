@@ -33,6 +33,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,7 +145,8 @@ class Vocabulary:
         return len(self.chars) + 2
 
     def index(self, char: str) -> int:
-        return self._stoi.get(char.lower() if self.lowercase else char, UNK_INDEX)  # type: ignore[attr-defined]
+        stoi: dict[str, int] = self._stoi  # type: ignore[attr-defined]
+        return stoi.get(char.lower() if self.lowercase else char, UNK_INDEX)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -181,11 +183,11 @@ class Vocabulary:
         return "".join(itos[i] if i > UNK_INDEX else ("" if i == PAD_INDEX else "\ufffd") for i in indices)
 
     # -- persistence ---------------------------------------------------------
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"chars": "".join(self.chars), "lowercase": self.lowercase, "min_freq": self.min_freq}
 
     @classmethod
-    def from_dict(cls, data: dict) -> Vocabulary:
+    def from_dict(cls, data: dict[str, Any]) -> Vocabulary:
         try:
             return cls(chars=tuple(data["chars"]), lowercase=bool(data["lowercase"]), min_freq=int(data["min_freq"]))
         except (KeyError, TypeError) as err:
@@ -276,14 +278,14 @@ class Layout:
         self.world_size = world_size
         self.even = even  # every rank the same number of batches (training); False for evaluation
 
-    def plan(self, epoch: int, seed: int, shuffle: bool) -> list:  # pragma: no cover - abstract
+    def plan(self, epoch: int, seed: int, shuffle: bool) -> list[Any]:  # pragma: no cover - abstract
         """The epoch's batches as cheap descriptors (pure function of ``seed`` and ``epoch``)."""
         raise NotImplementedError
 
-    def batch(self, item) -> Batch:  # pragma: no cover - abstract
+    def batch(self, item: Any) -> Batch:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def progress(self, plan: list, index: int) -> float:
+    def progress(self, plan: list[Any], index: int) -> float:
         """Fraction of the epoch done after batch ``index`` of ``plan`` (drives the LR schedule)."""
         return (index + 1) / len(plan)
 
@@ -303,7 +305,7 @@ class _IndexedLayout(Layout):
     change with every epoch's permutation.
     """
 
-    def __init__(self, tokens: torch.Tensor, **kwargs) -> None:
+    def __init__(self, tokens: torch.Tensor, **kwargs: Any) -> None:
         super().__init__(tokens, **kwargs)
         if self.even and self.batch_size % self.world_size:
             raise ValueError(
@@ -324,9 +326,9 @@ class _IndexedLayout(Layout):
         total = self.num_examples()
         order = torch.randperm(total, generator=_epoch_generator(seed, epoch)) if shuffle else torch.arange(total)
         if not self.even:  # evaluation: every example exactly once, shares may differ by one
-            return list(order[self.rank :: self.world_size].split(self.batch_size))
+            return list(torch.split(order[self.rank :: self.world_size], self.batch_size))
         shares = []
-        for chunk in order.split(self.batch_size):
+        for chunk in torch.split(order, self.batch_size):
             share = chunk.numel() // self.world_size
             if share:
                 shares.append(chunk[self.rank * share : (self.rank + 1) * share])
@@ -368,7 +370,7 @@ class StreamLayout(Layout):
     ``r * B/W … (r+1) * B/W - 1``, and all ranks draw the same lengths.
     """
 
-    def __init__(self, tokens: torch.Tensor, *, random_bptt: bool = False, **kwargs) -> None:
+    def __init__(self, tokens: torch.Tensor, *, random_bptt: bool = False, **kwargs: Any) -> None:
         super().__init__(tokens, **kwargs)
         if self.batch_size % self.world_size:
             raise ValueError(
@@ -403,9 +405,9 @@ class StreamLayout(Layout):
         start, length = item
         return (self.rows[:, start : start + length].long(), self.rows[:, start + 1 : start + 1 + length].long())
 
-    def progress(self, plan: list, index: int) -> float:
+    def progress(self, plan: list[Any], index: int) -> float:
         start, length = plan[index]
-        return (start + length) / (self.column_length - 1)
+        return float(start + length) / (self.column_length - 1)
 
 
 LAYOUTS: dict[str, type[Layout]] = {"window": WindowLayout, "sequence": SequenceLayout, "stream": StreamLayout}

@@ -7,14 +7,14 @@ CPU. With ``nnodes > 1`` this node is the job's *driver* and every other node ru
 with the same rendezvous endpoint and id; joining nodes receive the job, the data
 and any checkpoint from the driver. With ``max_restarts > 0`` a failed worker group
 is restarted and resumes from its last checkpoint. Workers run
-:func:`charlm.ddp_worker.run` (a light module: spawned workers import it, never Prefect).
+:func:`charlm.ddp_worker.run`, which calls :func:`charlm.job.run_job` (a light
+module: spawned workers import it, never Prefect).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import tempfile
 import time
@@ -25,8 +25,12 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from charlm.config import RunConfig
+from charlm import ddp_worker
+from charlm.ddp_worker import WorkerSpec
+from charlm.device import processes_per_node
+from charlm.job import TrainJob, TrainResult
 
 # Read by torch's c10d rendezvous handler: "1" gives each rendezvous round a fresh store.
 SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
@@ -37,14 +41,35 @@ class DistributedConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    nproc_per_node: int | None = Field(None, ge=1, description="None: the visible (or allotted) GPUs, 1 on CPU")
-    nnodes: int = Field(1, ge=1)
-    rdzv_endpoint: str = Field("127.0.0.1:0", description="host:port of the c10d rendezvous; port 0 = pick one")
-    rdzv_id: str | None = Field(None, description="shared by every node of one job; generated when None")
-    max_restarts: int = Field(0, ge=0)
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    nproc_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="workers per node (default: the task's GPUs, 1 on CPU)",
+        json_schema_extra={"env": "CHARLM_NPROC_PER_NODE"},
+    )
+    nnodes: int = Field(
+        1, ge=1, description="nodes per job, this one included", json_schema_extra={"env": "CHARLM_NNODES"}
+    )
+    rdzv_endpoint: str = Field(
+        "127.0.0.1:0",
+        description="host:port of the c10d rendezvous; port 0 = pick one. A multi-node job needs this "
+        "machine's address; the i-th architecture's job uses port + i",
+        json_schema_extra={"env": "CHARLM_RDZV_ENDPOINT"},
+    )
+    rdzv_id: str | None = Field(
+        None,
+        description="shared by every node of one job; architecture A's job uses ID-A (generated when None)",
+        json_schema_extra={"env": "CHARLM_RDZV_ID"},
+    )
+    max_restarts: int = Field(
+        0,
+        ge=0,
+        description="restart a failed worker group this often, from the last checkpoint",
+        json_schema_extra={"env": "CHARLM_MAX_RESTARTS"},
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: NCCL on GPUs, gloo on the CPU")
     threads_per_rank: int | None = Field(None, ge=1, description="torch threads per worker (CPU)")
-    monitor_interval: float = Field(0.5, gt=0)
+    monitor_interval: float = Field(0.5, gt=0, description="seconds between the launcher's checks of its workers")
     join_timeout: float = Field(600.0, gt=0, description="seconds to wait for every node to join the rendezvous")
 
     def check_multinode(self, require_id: bool = True) -> None:
@@ -71,65 +96,40 @@ class DistributedConfig(BaseModel):
 
     @classmethod
     def from_env(cls, **overrides: Any) -> DistributedConfig:
-        """``CHARLM_NPROC_PER_NODE``, ``CHARLM_NNODES``, ``CHARLM_RDZV_ENDPOINT``, ``CHARLM_RDZV_ID``,
-        ``CHARLM_MAX_RESTARTS`` — the multi-node settings each node's worker sets. ``overrides``
-        (command-line flags) win over the environment; a None override is not given."""
-        env = {
-            "nproc_per_node": os.environ.get("CHARLM_NPROC_PER_NODE"),
-            "nnodes": os.environ.get("CHARLM_NNODES"),
-            "rdzv_endpoint": os.environ.get("CHARLM_RDZV_ENDPOINT"),
-            "rdzv_id": os.environ.get("CHARLM_RDZV_ID"),
-            "max_restarts": os.environ.get("CHARLM_MAX_RESTARTS"),
-        }
-        given = {**env, **{k: v for k, v in overrides.items() if v is not None}}
-        return cls.model_validate({k: v for k, v in given.items() if v is not None})
-
-
-def default_nproc(devices: list[int] | None, backend: str) -> int:
-    if devices:
-        return len(devices)
-    if backend != "gloo" and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return 1
+        """Fields with an environment variable (``CHARLM_NPROC_PER_NODE``, ``CHARLM_NNODES``,
+        ``CHARLM_RDZV_ENDPOINT``, ``CHARLM_RDZV_ID``, ``CHARLM_MAX_RESTARTS``: what each node's
+        worker sets) read it; ``overrides`` (command-line flags) win; a None override is not given."""
+        given: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if (env := extra.get("env")) and os.environ.get(str(env)) is not None:
+                given[name] = os.environ[str(env)]
+        given.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(given)
 
 
 def launch_training(
-    config: RunConfig,
-    prepared_dir: str | os.PathLike[str],
-    checkpoint_dir: str | os.PathLike[str],
-    *,
-    dist: DistributedConfig | None = None,
-    devices: list[int] | None = None,
-    tracking: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Run the DDP job and return rank 0's summary.
+    job: TrainJob, *, dist: DistributedConfig | None = None, devices: list[int] | None = None
+) -> TrainResult:
+    """Run ``job`` as a DDP job from this node (the driver) and return rank 0's result.
 
-    ``devices``: the GPU indices this job may use (see :class:`GpuAllocator`);
-    ``tracking``: ``{"tracking_uri": …, "run_id": …}`` for rank 0's MLflow logging.
-    A worker failure with no restarts left raises torch's ``ChildFailedError``.
+    ``devices``: the GPU indices this job may use (see :class:`GpuAllocator`). A worker
+    failure with no restarts left raises torch's ``ChildFailedError``.
     """
-    from torch.distributed.launcher.api import elastic_launch
-
-    from charlm import ddp_worker
-
     dist = dist or DistributedConfig()
     dist.check_multinode()
-    nproc = dist.nproc_per_node or default_nproc(devices, dist.backend)
+    nproc = dist.nproc_per_node or processes_per_node(job.config.device, devices, dist.backend)
     if devices is not None and nproc > len(devices):
         raise ValueError(f"{nproc} processes per node but only {len(devices)} GPU(s) allotted: {devices}")
-    spec = {
-        "config": config.model_dump(mode="json"),
-        "prepared_dir": str(prepared_dir),
-        "checkpoint_dir": str(checkpoint_dir),
-        "devices": devices,
-        "backend": dist.backend,
-        "threads_per_rank": dist.threads_per_rank,
-        "tracking": tracking,
-    }
-    results = elastic_launch(_launch_config(dist, nproc), entrypoint=ddp_worker.run)(json.dumps(spec))
+    spec = WorkerSpec(job=job, devices=devices, backend=dist.backend, threads_per_rank=dist.threads_per_rank)
+    launch = elastic_launch(_launch_config(dist, nproc), entrypoint=ddp_worker.run)
+    results: dict[int, TrainResult | None] = launch(spec.model_dump_json())
     # Keyed by torchrun's ranks, whose node order is its own; the workers renumber themselves so that
-    # rank 0 is this node's first worker, and rank 0 alone returns a summary.
-    return next((summary for summary in results.values() if summary), {})
+    # rank 0 is this node's first worker, and rank 0 alone returns a result.
+    result = next((r for r in results.values() if r is not None), None)
+    if result is None:
+        raise RuntimeError(f"{job.architecture}: the DDP job ended without a result from rank 0")
+    return result
 
 
 def join_training(dist: DistributedConfig, *, devices: list[int] | None = None, backend: str | None = None) -> None:
@@ -138,19 +138,13 @@ def join_training(dist: DistributedConfig, *, devices: list[int] | None = None, 
     Blocks until the job ends; raises ``ChildFailedError`` if a worker here fails with
     no restarts left. ``backend`` defaults to the driver's.
     """
-    from torch.distributed.launcher.api import elastic_launch
-
-    from charlm import ddp_worker
-
     dist.check_multinode()
-    nproc = dist.nproc_per_node or default_nproc(devices, backend or "auto")
-    spec = {"join": True, "devices": devices, "backend": backend, "threads_per_rank": dist.threads_per_rank}
-    elastic_launch(_launch_config(dist, nproc), entrypoint=ddp_worker.run)(json.dumps(spec))
+    nproc = dist.nproc_per_node or processes_per_node("auto", devices, backend or "auto")
+    spec = WorkerSpec(devices=devices, backend=backend, threads_per_rank=dist.threads_per_rank)
+    elastic_launch(_launch_config(dist, nproc), entrypoint=ddp_worker.run)(spec.model_dump_json())
 
 
-def _launch_config(dist: DistributedConfig, nproc: int):
-    from torch.distributed.launcher.api import LaunchConfig
-
+def _launch_config(dist: DistributedConfig, nproc: int) -> LaunchConfig:
     # A fresh store for each rendezvous round, hosted by that round's rank 0 (see charlm.ddp_worker),
     # rather than one agent store that outlives restarts. Read by torch's rendezvous handler.
     os.environ[SHARED_STORE_ENV] = "1"

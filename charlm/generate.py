@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from charlm.checkpoint import load_checkpoint
 from charlm.config import RunConfig
 from charlm.data import PAD_INDEX, UNK_INDEX, CorpusError, Vocabulary
-from charlm.models import CharModel, build_model
-from charlm.training import resolve_device
+from charlm.device import resolve_device
+from charlm.models import CharModel, State, build_model
 
 
 @dataclass
@@ -29,7 +30,7 @@ class LoadedModel:
     device: torch.device
 
     @classmethod
-    def from_payload(cls, payload: dict, device: str | torch.device = "cpu") -> LoadedModel:
+    def from_payload(cls, payload: dict[str, Any], device: str | torch.device = "cpu") -> LoadedModel:
         config = RunConfig.model_validate(payload["config"])
         vocab = Vocabulary.from_dict(payload["vocab"])
         device = torch.device(device)
@@ -40,10 +41,10 @@ class LoadedModel:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device = "auto") -> LoadedModel:
-        device = resolve_device(device) if device == "auto" else torch.device(device)
+        device = resolve_device(str(device))
         return cls.from_payload(load_checkpoint(path, map_location=device), device)
 
-    def evaluate_text(self, text: str, *, batch_size: int | None = None, context: int | None = None) -> dict:
+    def evaluate_text(self, text: str, *, batch_size: int | None = None, context: int | None = None) -> dict[str, Any]:
         """Validation metrics on the validation split of ``text`` (this model's split fraction and
         vocabulary; unseen characters count as unknown). Stateful models read ``batch_size``
         columns, each from a zero state; the default is the training batch size, as the notebook did."""
@@ -79,7 +80,7 @@ class LoadedModel:
         return tokens
 
     @torch.no_grad()
-    def _next_logits(self, history: list[int], fresh: list[int], state):
+    def _next_logits(self, history: list[int], fresh: list[int], state: State) -> tuple[torch.Tensor, State]:
         """Logits for the character after ``history``; ``fresh`` are the tokens not yet fed."""
         if self.model.stateful:
             inputs = torch.tensor([fresh], device=self.device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,18 +47,19 @@ def map_state(state: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> State
     return fn(state)
 
 
-def _state_batch(state: State) -> int:
+def _state_batch(state: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
     first = state[0] if isinstance(state, tuple) else state
-    return first.shape[1] if first.dim() == 3 else first.shape[0]
+    return int(first.shape[1] if first.dim() == 3 else first.shape[0])
 
 
 class StatefulMixin:
     stateful: ClassVar[bool] = True
+    init_state: Callable[[int, torch.device], State]  # the model's own (an annotation: shadows nothing)
 
     def carry_state(self, state: State, batch_size: int, device: torch.device) -> State:
         if state is None or _state_batch(state) != batch_size:
-            return self.init_state(batch_size, device)  # type: ignore[attr-defined]
-        return map_state(state, torch.Tensor.detach)
+            return self.init_state(batch_size, device)
+        return map_state(state, lambda s: s.detach())
 
 
 # --------------------------------------------------------------------------- windowed models
@@ -130,7 +131,7 @@ class CharLoopConcatModel(CharModel):
 class _RecurrentModel(CharModel):
     """Embedding → ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (batch-first) → dropout → linear."""
 
-    cell: ClassVar[type[nn.RNNBase]] = nn.RNN
+    cell: ClassVar[Callable[..., nn.RNNBase]] = nn.RNN
     supports_layers = True
 
     def __init__(
@@ -186,7 +187,7 @@ class CharSeqRnnIdentity(CharSeqRnn):
     """CharSeqRnn with the hidden-to-hidden weights initialised to the identity
     (Le, Jaitly & Hinton 2015, "A Simple Way to Initialize Recurrent Networks of ReLUs")."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         with torch.no_grad():
             for layer in range(self.num_layers):

@@ -3,40 +3,26 @@
 Aliases are unique per registered model, so there is never more than one
 ``champion``. Promotion moves ``previous`` first and ``champion`` last: a failure
 in between leaves the old champion in place, never none.
+
+Retries: MLflow's client retries its HTTP calls itself (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``); nothing here adds another layer. Registering
+is idempotent per logged model — a candidate already registered gets its existing
+version back — so a promotion that is retried whole never creates a duplicate.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from mlflow.exceptions import MlflowException, RestException
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 DEFAULT_MODEL_NAME = "charlm"
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
-
-T = TypeVar("T")
-
-
-def with_retries(call: Callable[[], T], *, attempts: int = 4, delay: float = 1.0) -> T:
-    """Retry a registry call on transient failures (connection errors, 5xx, 429), not on 4xx."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except RestException as err:
-            status = getattr(err, "get_http_status_code", lambda: 500)()
-            if (status < 500 and status != 429) or attempt == attempts:
-                raise
-        except (MlflowException, ConnectionError, OSError) as err:
-            if isinstance(err, MlflowException) and "RESOURCE_DOES_NOT_EXIST" in str(err.error_code):
-                raise
-            if attempt == attempts:
-                raise
-        time.sleep(delay * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -88,14 +74,25 @@ def candidates_of(experiment_id: str, run_ids: list[str]) -> list[Candidate]:
     return sorted(out, key=lambda c: c.val_loss)
 
 
-def alias_version(client: MlflowClient, name: str, alias: str):
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     """The model version behind ``alias``, or None."""
     try:
-        return with_retries(lambda: client.get_model_version_by_alias(name, alias))
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException as err:
         if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower():
             return None
         raise
+
+
+def registered_version(client: MlflowClient, model_name: str, model_id: str) -> ModelVersion | None:
+    """The version of ``model_name`` that registers logged model ``model_id``, if there is one."""
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code):
+            return None
+        raise
+    return next((v for v in versions if v.tags.get("charlm.model_id") == model_id), None)
 
 
 def promote(
@@ -128,25 +125,10 @@ def promote(
     if candidate.cycle is not None:
         tags["charlm.cycle"] = str(candidate.cycle)
 
-    def ensure_model() -> None:
-        try:
-            client.get_registered_model(model_name)
-        except MlflowException as err:
-            if "RESOURCE_DOES_NOT_EXIST" not in str(err.error_code):
-                raise
-            client.create_registered_model(model_name, tags={"charlm": "character-level language models"})
-
-    with_retries(ensure_model)
-    version = with_retries(
-        lambda: client.create_model_version(
-            model_name,
-            source=f"models:/{candidate.model_id}",
-            run_id=candidate.run_id,
-            tags=tags,
-            model_id=candidate.model_id,
-        )
-    )
-    with_retries(lambda: client.set_registered_model_alias(model_name, CHALLENGER, version.version))
+    version = registered_version(client, model_name, candidate.model_id)
+    if version is None:
+        version = mlflow.register_model(f"models:/{candidate.model_id}", model_name, tags=tags)
+    client.set_registered_model_alias(model_name, CHALLENGER, version.version)
 
     champion = alias_version(client, model_name, CHAMPION)
     champion_loss: float | None = None
@@ -171,8 +153,8 @@ def promote(
 
     if promoted:
         if champion is not None:
-            with_retries(lambda: client.set_registered_model_alias(model_name, PREVIOUS, champion.version))
-        with_retries(lambda: client.set_registered_model_alias(model_name, CHAMPION, version.version))
+            client.set_registered_model_alias(model_name, PREVIOUS, champion.version)
+        client.set_registered_model_alias(model_name, CHAMPION, version.version)
     decision = Decision(
         model_name=model_name,
         version=version.version,
@@ -193,10 +175,10 @@ def rollback(model_name: str = DEFAULT_MODEL_NAME, *, client: MlflowClient | Non
     if previous is None:
         raise ValueError(f"registered model {model_name!r} has no '{PREVIOUS}' version to roll back to")
     current = alias_version(client, model_name, CHAMPION)
-    with_retries(lambda: client.set_registered_model_alias(model_name, CHAMPION, previous.version))
-    with_retries(lambda: client.delete_registered_model_alias(model_name, PREVIOUS))
+    client.set_registered_model_alias(model_name, CHAMPION, previous.version)
+    client.delete_registered_model_alias(model_name, PREVIOUS)
     if current is not None:
-        with_retries(lambda: client.set_registered_model_alias(model_name, CHALLENGER, current.version))
+        client.set_registered_model_alias(model_name, CHALLENGER, current.version)
     reason = f"rollback: v{previous.version} restored as champion" + (
         f", v{current.version} demoted" if current is not None else ""
     )
@@ -216,8 +198,48 @@ def rollback(model_name: str = DEFAULT_MODEL_NAME, *, client: MlflowClient | Non
 def _record(client: MlflowClient, decision: Decision, parent_run_id: str | None) -> None:
     outcome = "promoted to champion" if decision.promoted else "kept as challenger"
     for key, value in {"charlm.decision": outcome, "charlm.reason": decision.reason}.items():
-        with_retries(
-            lambda key=key, value=value: client.set_model_version_tag(decision.model_name, decision.version, key, value)
-        )
+        client.set_model_version_tag(decision.model_name, decision.version, key, value)
         if parent_run_id:
-            with_retries(lambda key=key, value=value: client.set_tag(parent_run_id, key, value))
+            client.set_tag(parent_run_id, key, value)
+
+
+def promote_run(
+    parent_run_id: str,
+    *,
+    model_name: str = DEFAULT_MODEL_NAME,
+    margin: float = 0.0,
+    read_corpus: Callable[[], str] | None = None,
+    client: MlflowClient | None = None,
+) -> Decision:
+    """Promote the best candidate of a finished pipeline run (see :func:`promote`).
+
+    ``read_corpus`` returns the run's corpus text; it is called only to re-evaluate a
+    champion that was trained on another corpus.
+    """
+    from charlm.tracking import load_registered
+
+    client = client or MlflowClient()
+    parent = client.get_run(parent_run_id)
+    sha256 = parent.data.tags["charlm.corpus_sha256"]
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    candidates = candidates_of(parent.info.experiment_id, [c.info.run_id for c in children])
+    if not candidates:
+        raise ValueError(f"run {parent_run_id}: no candidate models (best checkpoints or snapshots) were logged")
+
+    def reevaluate(version: ModelVersion) -> float:
+        if read_corpus is None:
+            raise ValueError("the champion was trained on another corpus: give the corpus to re-evaluate it")
+        loaded = load_registered(f"models:/{model_name}/{version.version}")
+        return float(loaded.evaluate_text(read_corpus())["val_loss"])
+
+    return promote(
+        candidates[0],
+        corpus_sha256=sha256,
+        model_name=model_name,
+        margin=margin,
+        reevaluate=reevaluate,
+        parent_run_id=parent_run_id,
+        client=client,
+    )

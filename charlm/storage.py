@@ -12,10 +12,8 @@ non-UTF-8 object fail at once with an error that names the URI.
 from __future__ import annotations
 
 import hashlib
-import time
-import urllib.error
-import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 from charlm.data import CorpusError, decode_corpus, read_corpus_bytes
@@ -24,21 +22,25 @@ DEFAULT_CORPUS_URI = "s3://text-datasets/nietzsche.txt"
 
 
 class CorpusFetchError(CorpusError):
-    """The corpus could not be fetched; the message names the URI and the reason."""
+    """The corpus could not be fetched; the message names the URI and the reason.
+
+    ``transient``: the failure may pass (connection refused or dropped, throttling, a 5xx)
+    once the client's own retries are spent; bad input (no such key, denied) is not.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
 class FetchedCorpus:
     uri: str
-    text: str
+    text: str = field(repr=False)
+    raw: bytes = field(repr=False)
     size: int  # bytes
     sha256: str
     etag: str | None
-
-    def describe(self) -> dict[str, str | int | None]:
-        out = asdict(self)
-        del out["text"]
-        return out
 
 
 def _digest(uri: str, raw: bytes, etag: str | None) -> FetchedCorpus:
@@ -46,6 +48,7 @@ def _digest(uri: str, raw: bytes, etag: str | None) -> FetchedCorpus:
     return FetchedCorpus(
         uri=uri,
         text=text,
+        raw=raw,
         size=len(raw),
         sha256=hashlib.sha256(raw).hexdigest(),
         etag=etag.strip('"') if etag else None,
@@ -86,7 +89,9 @@ def fetch_corpus(
 # --------------------------------------------------------------------------- S3
 
 
-def s3_client(endpoint_url: str | None = None, unsigned: bool | None = None, attempts: int = 5, timeout: float = 30.0):
+def s3_client(
+    endpoint_url: str | None = None, unsigned: bool | None = None, attempts: int = 5, timeout: float = 30.0
+) -> Any:
     """A boto3 S3 client: standard credential chain, unsigned when there are no credentials."""
     import boto3
     from botocore import UNSIGNED
@@ -123,9 +128,10 @@ def _fetch_s3(
             "AccessDenied": "access denied (check the credentials, or the bucket policy for unsigned access)",
             "403": "access denied (check the credentials, or the bucket policy for unsigned access)",
         }.get(code, f"{code or status}: {err.response.get('Error', {}).get('Message', err)}")
-        raise CorpusFetchError(f"{uri}: {reason}") from None
+        transient = isinstance(status, int) and (status >= 500 or status == 429)
+        raise CorpusFetchError(f"{uri}: {reason}", transient=transient) from None
     except BotoCoreError as err:  # connection refused, timeouts… after the retries above
-        raise CorpusFetchError(f"{uri}: {type(err).__name__}: {err}") from None
+        raise CorpusFetchError(f"{uri}: {type(err).__name__}: {err}", transient=True) from None
     return _digest(uri, raw, response.get("ETag"))
 
 
@@ -133,16 +139,24 @@ def _fetch_s3(
 
 
 def _fetch_http(uri: str, *, attempts: int, backoff: float, timeout: float) -> FetchedCorpus:
-    for attempt in range(1, attempts + 1):
-        try:
-            with urllib.request.urlopen(uri, timeout=timeout) as response:
-                return _digest(uri, response.read(), response.headers.get("ETag"))
-        except urllib.error.HTTPError as err:
-            transient = err.code in (408, 429) or err.code >= 500
-            if not transient or attempt == attempts:
-                raise CorpusFetchError(f"{uri}: HTTP {err.code} {err.reason}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            if attempt == attempts:
-                raise CorpusFetchError(f"{uri}: {getattr(err, 'reason', err)} (after {attempts} attempts)") from None
-        time.sleep(backoff * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
+    """GET with urllib3's own retries: connection errors and 408/429/5xx, exponential backoff."""
+    import urllib3
+    from urllib3.util import Retry
+
+    retries = Retry(
+        total=attempts - 1,
+        backoff_factor=backoff,
+        status_forcelist=(408, 429, 500, 502, 503, 504),
+        allowed_methods=("GET",),
+        raise_on_status=False,  # the last response comes back; its status is reported below
+    )
+    http = urllib3.PoolManager(retries=retries, timeout=urllib3.Timeout(total=timeout))
+    try:
+        response = http.request("GET", uri)
+    except urllib3.exceptions.HTTPError as err:  # MaxRetryError once connection retries are spent
+        reason = getattr(err, "reason", None) or err
+        raise CorpusFetchError(f"{uri}: {reason} (after {attempts} attempts)", transient=True) from None
+    if response.status != 200:
+        transient = response.status >= 500 or response.status in (408, 429)
+        raise CorpusFetchError(f"{uri}: HTTP {response.status} {response.reason}", transient=transient)
+    return _digest(uri, response.data, response.headers.get("ETag"))

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.models.model import ModelInfo
+from mlflow.pyfunc.model import PythonModel
 from mlflow.tracking import MlflowClient
 
-from charlm.training import Callback, FitResult, Trainer
+from charlm.generate import LoadedModel
+from charlm.training import Callback, DistInfo, FitResult, Trainer
 
 # Explicit requirements keep log_model from inferring them (seconds per call).
 PIP_REQUIREMENTS = ["charlm", "torch", "numpy", "pydantic", "pandas"]
@@ -51,7 +54,7 @@ def check_tracking_server(uri: str | None = None, timeout: float = 10.0) -> str:
     return uri
 
 
-class CharLMPyfunc(mlflow.pyfunc.PythonModel):
+class CharLMPyfunc(PythonModel):
     """Generates text from a charlm checkpoint.
 
     Input: a DataFrame with a ``prime`` column and optional ``length``,
@@ -59,12 +62,13 @@ class CharLMPyfunc(mlflow.pyfunc.PythonModel):
     Output: a list of generated texts (without the priming text).
     """
 
-    def load_context(self, context) -> None:
+    def load_context(self, context: Any) -> None:
         from charlm.generate import LoadedModel
 
         self.model = LoadedModel.from_checkpoint(context.artifacts["checkpoint"], device="cpu")
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would drop params
+    # Typed by a type comment, not annotations: with annotations MLflow would drop ``params``.
+    def predict(self, context, model_input, params=None):  # type: (Any, Any, dict[str, Any] | None) -> list[str]
         import pandas as pd
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -73,28 +77,25 @@ class CharLMPyfunc(mlflow.pyfunc.PythonModel):
         params = params or {}
         outputs = []
         for row in frame.to_dict("records"):
-
-            def get(name, default, cast, row=row):
-                value = row.get(name, params.get(name, default))
-                return default if value is None or value != value else cast(value)  # NaN -> default
-
+            options = {**params, **{k: v for k, v in row.items() if v is not None and v == v}}  # NaN: not given
             outputs.append(
                 self.model.generate(
                     str(row["prime"]),
-                    get("length", 200, int),
-                    temperature=get("temperature", 1.0, float),
-                    top_k=get("top_k", None, int),
-                    seed=get("seed", None, int),
+                    int(options.get("length", 200)),
+                    temperature=float(options.get("temperature", 1.0)),
+                    top_k=None if options.get("top_k") is None else int(options["top_k"]),
+                    seed=None if options.get("seed") is None else int(options["seed"]),
                     on_unknown="unk",
                 )
             )
         return outputs
 
 
-def load_registered(model_uri: str):
+def load_registered(model_uri: str) -> LoadedModel:
     """The :class:`~charlm.generate.LoadedModel` behind an MLflow model URI
     (``models:/charlm@champion``, ``models:/m-…``, ``runs:/…``)."""
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+    pyfunc: CharLMPyfunc = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    return pyfunc.model
 
 
 def log_checkpoint_model(
@@ -104,9 +105,9 @@ def log_checkpoint_model(
     step: int = 0,
     tags: dict[str, Any] | None = None,
     params: dict[str, Any] | None = None,
-):
+) -> ModelInfo:
     """Log a checkpoint as an MLflow 3 logged model (a pyfunc) in the active run."""
-    return mlflow.pyfunc.log_model(
+    info: ModelInfo = mlflow.pyfunc.log_model(
         name=name,
         python_model=CharLMPyfunc(),
         artifacts={"checkpoint": str(checkpoint)},
@@ -115,6 +116,7 @@ def log_checkpoint_model(
         tags={k: str(v) for k, v in (tags or {}).items()},
         params={k: str(v) for k, v in (params or {}).items()} or None,
     )
+    return info
 
 
 class MLflowTracker(Callback):
@@ -133,6 +135,17 @@ class MLflowTracker(Callback):
         self.snapshot_model_ids: dict[int, str] = {}
         self.best_model_id: str | None = None
         self._logged_step = self._logged_epoch = 0
+
+    @classmethod
+    def for_job(cls, tracking_uri: str, run_id: str, dist: DistInfo) -> MLflowTracker:
+        """The tracker of a job's main rank, its run tagged with where the job ran."""
+        mlflow.set_tracking_uri(tracking_uri)  # the fluent API (log_model) uses it too
+        client = MlflowClient(tracking_uri)
+        tags = {"charlm.restarts": dist.restarts, "charlm.world_size": dist.world_size, "charlm.nnodes": dist.nnodes}
+        from mlflow.entities import RunTag
+
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        return cls(run_id, client=client)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.step:  # a resumed run: parameters are logged; skip what the failed attempt already logged
@@ -199,7 +212,7 @@ class MLflowTracker(Callback):
         arch = trainer.config.architecture
         with mlflow.start_run(run_id=self.run_id, nested=True):
             info = log_checkpoint_model(path, f"{arch}-{kind}", step=step, tags={"charlm.architecture": arch, **tags})
-        return info.model_id
+        return str(info.model_id)
 
 
 def _now_ms() -> int:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +24,11 @@ from torch import nn
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import RunConfig
 from charlm.data import PAD_INDEX, Layout, PreparedCorpus, make_layout
+from charlm.device import resolve_device
 from charlm.models import CharModel, State, build_model, count_parameters, get_architecture, map_state
 from charlm.schedule import Schedule
 
-
-def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank or 0)
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this host")
-    return device
+T = TypeVar("T")
 
 
 def bits_per_char(nats: float) -> float:
@@ -74,15 +66,31 @@ def evaluate(module: CharModel, layout: Layout, device: torch.device, all_reduce
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits in a distributed run (single process by default)."""
+    """Where this process sits in a distributed run (a single process by default).
+
+    ``device`` is the rank's device when the launcher chose it (None: the config's);
+    ``restarts``, ``nnodes`` and ``node_rank`` describe the job for its records.
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: str | None = None
+    restarts: int = 0
+    nnodes: int = 1
+    node_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def share(self, obj: T) -> T:
+        """The main rank's ``obj`` on every rank (a broadcast; every rank must call it)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]  # type: ignore[return-value]
 
 
 class Callback:
@@ -113,19 +121,6 @@ class FitResult:
     @property
     def final(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
-
-
-def fit_summary(result: FitResult, snapshot_model_ids: dict[int, str] | None = None) -> dict[str, Any]:
-    """What a training task reports, the same for an in-process and a distributed run."""
-    return {
-        "history": result.history,
-        "best_val_loss": result.best_val_loss,
-        "best_epoch": result.best_epoch,
-        "steps": result.steps,
-        "parameters": result.parameters,
-        "checkpoints": result.checkpoints,
-        "snapshot_model_ids": {str(k): v for k, v in (snapshot_model_ids or {}).items()},
-    }
 
 
 class _ProgressBar(Callback):
@@ -182,7 +177,7 @@ class Trainer:
         self.arch = get_architecture(config.architecture)
         self.schedule = Schedule(config.schedule)
         data = config.data
-        shard = {"rank": self.dist.rank, "world_size": self.dist.world_size}
+        rank, world_size = self.dist.rank, self.dist.world_size
         self.train_layout: Layout = make_layout(
             self.arch.layout,
             corpus.train,
@@ -190,7 +185,8 @@ class Trainer:
             context=data.context,
             random_bptt=data.random_bptt,
             name="training split",
-            **shard,
+            rank=rank,
+            world_size=world_size,
         )
         self.valid_layout: Layout = make_layout(
             self.arch.layout,
@@ -199,7 +195,8 @@ class Trainer:
             context=data.context,
             name="validation split",
             even=False,
-            **shard,
+            rank=rank,
+            world_size=world_size,
         )
 
         torch.manual_seed(config.seed)  # same initial weights on every rank
@@ -303,7 +300,7 @@ class Trainer:
             logits, self.state = model(inputs, self.state)
             loss = char_loss(logits, targets)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             if clip is not None:
                 nn.utils.clip_grad_norm_(module.parameters(), clip)
             optimizer.step()
@@ -321,7 +318,7 @@ class Trainer:
             if every and self.step % every == 0 and self.batch < len(plan):
                 self._train_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
-                self._checkpoint_mid_epoch()
+                self.checkpoint()
             if max_steps is not None and self.step >= max_steps and self.batch < len(plan):
                 self._train_seconds += time.perf_counter() - tick
                 return False
@@ -393,8 +390,8 @@ class Trainer:
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
         return save_checkpoint(self.state_dict(), path)
 
-    def _checkpoint_mid_epoch(self) -> None:
-        """``last.pt`` in the middle of an epoch; every rank takes part (the running sums are global)."""
+    def checkpoint(self) -> None:
+        """``last.pt`` where training stands (mid-epoch too); every rank takes part (the sums are global)."""
         if self.checkpoint_dir is None:
             return
         sums = {"loss_sum": float(self._loss_sum), "chars": self._chars}
@@ -446,20 +443,10 @@ class Trainer:
         return trainer
 
 
-def prepare_for(config: RunConfig, text: str) -> PreparedCorpus:
-    """Prepare a corpus with the preparation settings of ``config``."""
-    from charlm.data import prepare_corpus
-
-    data = config.data
-    return prepare_corpus(text, valid_fraction=data.valid_fraction, lowercase=data.lowercase, min_freq=data.min_freq)
-
-
 __all__ = [
     "Callback",
     "DistInfo",
     "FitResult",
     "Trainer",
     "bits_per_char",
-    "prepare_for",
-    "resolve_device",
 ]

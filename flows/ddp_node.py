@@ -24,32 +24,15 @@ NODE_FLOW_NAME = "charlm-ddp-node"
 
 
 @flow(name=NODE_FLOW_NAME, log_prints=True)
-def charlm_ddp_node(
-    nnodes: int,
-    rdzv_endpoint: str,
-    rdzv_id: str,
-    nproc_per_node: int | None = None,
-    max_restarts: int = 0,
-    join_timeout: float = 600.0,
-    gpus: int | None = None,
-    threads_per_rank: int | None = None,
-) -> dict[str, str | int]:
-    """Run this machine's DDP workers until the job ends (fails with the workers' error)."""
-    dist = DistributedConfig(
-        nnodes=nnodes,
-        rdzv_endpoint=rdzv_endpoint,
-        rdzv_id=rdzv_id,
-        nproc_per_node=nproc_per_node,
-        max_restarts=max_restarts,
-        join_timeout=join_timeout,
-        threads_per_rank=threads_per_rank,
-    )
+def charlm_ddp_node(dist: DistributedConfig, gpus: int | None = None) -> dict[str, str | int | None]:
+    """Run this machine's DDP workers of the job ``dist`` describes, until it ends (fails with the
+    workers' error); ``gpus``: how many of this machine's GPUs to take (disjoint from other jobs)."""
     logger = get_run_logger()
-    logger.info("joining %s at %s (%d nodes)", rdzv_id, rdzv_endpoint, nnodes)
+    logger.info("joining %s at %s (%d nodes)", dist.rdzv_id, dist.rdzv_endpoint, dist.nnodes)
     if gpus:
-        with GpuAllocator().acquire(gpus) as devices:  # disjoint from other jobs on this machine
+        with GpuAllocator().acquire(gpus) as devices:
             logger.info("GPUs %s", devices)
             join_training(dist, devices=devices)
     else:
         join_training(dist)
-    return {"rdzv_id": rdzv_id, "nnodes": nnodes}
+    return {"rdzv_id": dist.rdzv_id, "nnodes": dist.nnodes}

@@ -19,20 +19,19 @@ from typing import Any
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.schedules import Cron
 
-from charlm.storage import DEFAULT_CORPUS_URI
-from flows.pipeline import CORPUS_URI_ENV, charlm_pipeline
+from flows.params import PipelineParams
+from flows.pipeline import charlm_pipeline
 
 DEPLOYMENT_NAME = "nightly"
 DEFAULT_CRON = "0 2 * * *"  # 02:00 UTC
 
 
 def nightly_parameters(**overrides: Any) -> dict[str, Any]:
-    return {
-        "corpus_uri": os.environ.get(CORPUS_URI_ENV, DEFAULT_CORPUS_URI),
-        "skip_if_unchanged": True,
-        "promote_best": True,
-        **overrides,
-    }
+    """The flow's one parameter, ``params``: the corpus from ``CHARLM_CORPUS_URI`` (else the
+    default), skipping an unchanged corpus, promoting the best."""
+    corpus = {"corpus_uri": os.environ["CHARLM_CORPUS_URI"]} if os.environ.get("CHARLM_CORPUS_URI") else {}
+    params = PipelineParams.model_validate({**corpus, "skip_if_unchanged": True, "promote_best": True, **overrides})
+    return {"params": params.model_dump(mode="json", exclude_defaults=True)}
 
 
 def no_overlap() -> ConcurrencyLimitConfig:

@@ -1,19 +1,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+
+import pytest
 
 from charlm.cli import main
 
 
-def test_help_lists_the_commands():
-    out = subprocess.run([sys.executable, "-m", "charlm.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("train", "evaluate", "generate", "architectures", "config", "vocab"):
-        assert command in out.stdout
+@pytest.fixture(autouse=True)
+def store(tmp_path, monkeypatch):
+    """charlm train keeps its prepared data in the store ($CHARLM_HOME)."""
+    monkeypatch.setenv("CHARLM_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
 
 
-def test_train_evaluate_generate_round_trip(corpus_file, tmp_path, capsys):
+def test_train_evaluate_generate_round_trip(corpus_file, tmp_path, capsys, store):
     out = tmp_path / "run"
     assert (
         main(
@@ -36,6 +37,7 @@ def test_train_evaluate_generate_round_trip(corpus_file, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["architecture"] == "stateful_gru" and len(summary["history"]) == 3
     assert (out / "best.pt").exists() and (out / "cycle-1.pt").exists()
+    assert len(list((store / "prepared").iterdir())) == 1 and len(list((store / "corpora").iterdir())) == 1
 
     assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--corpus", str(corpus_file)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
@@ -68,7 +70,8 @@ def test_stop_and_resume_from_the_cli(corpus_file, tmp_path, capsys):
         )
         == 0
     )
-    assert "resume with" in capsys.readouterr().out
+    hint = capsys.readouterr().out
+    assert f"resume with: charlm train --resume {out / 'last.pt'}" in hint and f"--out {out}" in hint
     assert (
         main(
             [

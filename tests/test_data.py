@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from charlm.data import (
-    PAD_INDEX,
     UNK_INDEX,
     CorpusError,
     SequenceLayout,
@@ -29,7 +28,6 @@ def test_vocabulary_is_sorted_with_padding_and_unknown_first():
     vocab = Vocabulary.build("banana!")
     assert vocab.itos == ["<pad>", "<unk>", "!", "a", "b", "n"]
     assert (vocab.index("a"), vocab.index("!"), vocab.index("z")) == (3, 2, UNK_INDEX)
-    assert PAD_INDEX == 0
     assert vocab.encode("nab").tolist() == [5, 3, 4]
     assert vocab.decode(vocab.encode("banana")) == "banana"
 

@@ -5,7 +5,8 @@ import pytest
 from charlm.config import tiny
 from charlm.data import CorpusError
 from charlm.generate import LoadedModel
-from charlm.training import Trainer, prepare_for
+from charlm.prepared import prepare_for
+from charlm.training import Trainer
 
 
 @pytest.fixture(scope="module")

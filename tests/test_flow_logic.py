@@ -1,0 +1,185 @@
+"""The flow's logic without a Prefect server: parameters, the derived command line, the
+training queue, the summary, and the tasks' bodies (``task.fn()``)."""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+import pytest
+from pydantic import ValidationError
+
+from charlm.distributed import DistributedConfig
+from charlm.prepared import PrepSettings
+from charlm.storage import CorpusFetchError
+from flows.cli import build_parser, parse
+from flows.params import QUICK_ARCHITECTURES, PipelineParams, RunnerOptions
+from flows.report import format_summary
+from flows.runners import run_queued
+from tests.conftest import generated_text
+
+# --------------------------------------------------------------------------- parameters
+
+
+def test_parameters_build_one_validated_config_per_architecture():
+    params = PipelineParams(
+        architectures=["char3", "stateful_lstm"],
+        preset_name="tiny",
+        overrides={"*": {"data.batch_size": 8}, "stateful_lstm": {"model.hidden_size": 24}},
+    )
+    char3, lstm = params.run_configs()
+    assert (char3.data.batch_size, lstm.data.batch_size) == (8, 8)
+    assert (char3.model.hidden_size, lstm.model.hidden_size) == (32, 24)
+    assert not char3.progress  # no progress bars inside tasks
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"architectures": ["char3", "no_such_arch"]}, "unknown \\['no_such_arch'\\]"),
+        ({"architectures": []}, "at least 1 item"),
+        ({"overrides": {"stateful_gru": {"seed": 1}}, "architectures": ["char3"]}, "not requested"),
+        ({"overrides": ["model.no_such_field=3"]}, "no such config field 'no_such_field'"),
+        ({"concurrency": 0}, "greater than or equal to 1"),
+        ({"distributed": {"nnodes": 2}}, "fixed host:port"),
+    ],
+)
+def test_bad_parameters_are_refused_before_any_work(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        PipelineParams(**fields)
+
+
+def test_a_multinode_job_is_named_after_the_flow_run():
+    params = PipelineParams(distributed=DistributedConfig(nnodes=2, rdzv_endpoint="node0:29400"))
+    assert params.distribution("0123456789abcdef").rdzv_id == "charlm-01234567"
+    assert PipelineParams().distribution("x") is None
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_every_parameter_has_an_option_derived_from_its_field():
+    dests = {action.dest for action in build_parser()._actions}
+    assert set(PipelineParams.model_fields) | set(RunnerOptions.model_fields) <= dests
+    assert set(DistributedConfig.model_fields) <= dests
+
+
+def test_the_command_line_builds_the_parameters(monkeypatch):
+    monkeypatch.setenv("CHARLM_CORPUS_URI", "s3://bucket/from-env.txt")
+    monkeypatch.setenv("CHARLM_MAX_RESTARTS", "2")
+    params, runner = parse(
+        ["--quick", "--set", "data.batch_size=8", "--no-promote", "--margin", "0.01", "--ddp", "--nproc-per-node", "2"]
+    )
+    assert params.corpus_uri == "s3://bucket/from-env.txt"
+    assert (params.architectures, params.preset_name) == (QUICK_ARCHITECTURES, "tiny")
+    assert params.overrides == {"*": {"data.batch_size": 8}}
+    assert (params.promote_best, params.promotion_margin) == (False, 0.01)
+    assert params.distributed == DistributedConfig(nproc_per_node=2, max_restarts=2)
+    assert runner.task_runner == "thread"
+    explicit, _ = parse(["--corpus-uri", "x.txt", "--arch", "char3", "--max-restarts", "0"])
+    assert explicit.corpus_uri == "x.txt" and explicit.architectures == ["char3"]
+    assert explicit.distributed == DistributedConfig(max_restarts=0)  # a DDP flag alone turns DDP on
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--quick", "--arch", "char3"], "--quick sets the architectures and the preset: drop --arch"),
+        (["--arch", "no_such_arch"], "error: architectures: unknown ['no_such_arch']; known: char3"),
+        (["--concurrency", "0"], "concurrency: Input should be greater than or equal to 1"),
+        (["--set", "schedule"], "expected key=value"),
+        (["--nnodes", "2"], "fixed host:port"),
+    ],
+)
+def test_bad_command_lines_fail_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("python -m flows.pipeline: error: ") and message in last
+
+
+# --------------------------------------------------------------------------- queue
+
+
+def test_the_queue_runs_at_most_concurrency_tasks_and_collects_failures():
+    submitted, running_when_waiting = [], []
+
+    def work(index: int) -> int:
+        if index == 3:
+            raise ValueError("architecture 3 broke")
+        return index * 10
+
+    def first_done(futures):
+        running_when_waiting.append(len(futures))
+        done, _ = wait(futures, return_when=FIRST_COMPLETED)
+        return next(iter(done))
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+
+        def submit(index: int, item: str):
+            submitted.append(item)
+            return pool.submit(work, index)
+
+        results, failures = run_queued(["a", "b", "c", "d", "e"], submit, 2, wait=first_done)
+    assert submitted == ["a", "b", "c", "d", "e"]  # in order
+    assert running_when_waiting == [2, 2, 2, 2, 1]  # never more than two at once, refilled as each ends
+    assert sorted(results) == [0, 10, 20, 40]
+    assert failures == ["ValueError: architecture 3 broke"]  # a failure never stops the others
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_the_summary_names_the_best_where_to_look_and_the_decision():
+    row = {"architecture": "stateful_gru", "best_val_loss": 1.3712, "best_val_bpc": 1.978, "parameters": 150_000}
+    row |= {"epochs": 9, "chars_per_sec": 30_000.4}
+    summary = {
+        "tracking_uri": "sqlite:///mlflow.db",
+        "table": [row],
+        "best": row,
+        "experiment_id": "1",
+        "parent_run_id": "abc",
+        "output_dir": ".charlm/runs/x",
+        "promotion": {"model_name": "charlm", "version": "3", "promoted": False, "reason": "1.37 does not beat"},
+    }
+    text = format_summary(summary)
+    assert "stateful_gru          1.3712   1.9780   150,000      9    30,000" in text
+    assert "best: stateful_gru with validation loss 1.3712 nats/char" in text
+    assert "MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db" in text
+    assert "registry: charlm v3 stays challenger (1.37 does not beat)" in text
+
+
+# --------------------------------------------------------------------------- task bodies
+
+
+def test_fetch_keeps_the_bytes_and_prepare_reuses_its_directory(tmp_path):
+    import shutil
+
+    from flows.pipeline import fetch, prepare
+
+    source = tmp_path / "corpus.txt"
+    source.write_text(generated_text(300), encoding="utf-8")
+    root = str(tmp_path / "store")
+    corpus = fetch.fn(str(source), None, root)
+    assert corpus.size == source.stat().st_size and corpus.read_text() == source.read_text()
+    settings = PrepSettings(lowercase=True)
+    first = prepare.fn(corpus, settings, root)
+    again = prepare.fn(corpus, settings, root)
+    assert again == first  # the same directory, statistics and timestamp: nothing was prepared again
+    assert first.stats["vocab_size"] < prepare.fn(corpus, PrepSettings(), root).stats["vocab_size"]
+    shutil.rmtree(first.dir)
+    redone = prepare.fn(corpus, settings, root)
+    assert redone.dir == first.dir and redone.stats["prepared_at"] > first.stats["prepared_at"]
+
+
+def test_fetch_retries_only_what_may_pass():
+    from prefect.states import Failed
+
+    from flows.pipeline import _transient
+
+    def failed(err: Exception):
+        return Failed(data=err)
+
+    assert _transient(None, None, failed(CorpusFetchError("s3://b/k: connection reset", transient=True)))
+    assert not _transient(None, None, failed(CorpusFetchError("s3://b/k: key 'k' not found")))
+    assert not _transient(None, None, failed(ValueError("not a fetch error")))
