@@ -14,8 +14,12 @@ setup: $(PY)  ## create .venv, install torch for this host, then the project
 	PIP="$(PY) -m pip" scripts/install-torch.sh
 	$(PY) -m pip install -q -e ".[pipeline,dev]"
 
+# Every architecture on one task (lowercased, min_freq 3: the stateful models' notebook settings), so the
+# comparison ranks them all; TASK= (empty) keeps each preset's own, which the comparison ranks apart.
+TASK ?= --set data.lowercase=true --set data.min_freq=3
+
 run: setup  ## the main job: the Prefect pipeline on the embedded defaults (ephemeral Prefect, local MLflow)
-	$(PY) -m flows.pipeline --corpus-uri $(CORPUS_URI) $(ARGS)
+	$(PY) -m flows.pipeline --corpus-uri $(CORPUS_URI) $(TASK) $(ARGS)
 
 test: setup  ## the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

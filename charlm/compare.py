@@ -1,8 +1,16 @@
-"""The comparison of a pipeline run's architectures: a ranked table and the validation curves."""
+"""The comparison of a pipeline run's architectures: a table ranked within each task, and plots.
+
+A validation loss measures a task — a corpus split, a vocabulary (case-sensitive or
+lowercased, ``min_freq``) — and losses of two tasks are not comparable: a lowercased
+58-symbol vocabulary is an easier problem than an 84-symbol one. So every row states
+its task, ranks are given within a task, and the run's best is taken from its
+*primary* task: the champion's, or the one most architectures share.
+"""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,45 +21,88 @@ if TYPE_CHECKING:
     import pandas as pd
 
 COLUMNS = [
+    "rank",
     "architecture",
     "best_val_loss",
     "best_val_bpc",
+    "task",
+    "vocab_size",
+    "valid_chars",
     "parameters",
     "epochs",
     "chars_per_sec",
     "wall_time_s",
     "run_id",
 ]
+ROUNDING = {"best_val_loss": 4, "best_val_bpc": 4, "chars_per_sec": 0, "wall_time_s": 1}
 
 
-def row(result: TrainResult) -> dict[str, Any]:
-    """One architecture's line of the comparison."""
-    return {name: getattr(result, name) for name in COLUMNS}
+def primary_task(results: Sequence[TrainResult], champion_task: str | None = None) -> str:
+    """The champion's task when a result shares it, else the task most results share (ties: the best's)."""
+    tasks = Counter(r.task for r in results)
+    if champion_task is not None and champion_task in tasks:
+        return champion_task
+    return max(tasks, key=lambda t: (tasks[t], -min(r.best_val_loss for r in results if r.task == t)))
 
 
-def comparison_table(results: Sequence[TrainResult]) -> pd.DataFrame:
-    """Every architecture's line, best validation loss first."""
+def comparison_table(results: Sequence[TrainResult], primary: str | None = None) -> pd.DataFrame:
+    """One row per architecture: the primary task's rows first, ranked by best validation loss;
+    then each other task's rows, ranked among themselves (rank restarts at 1 per task)."""
     import pandas as pd
 
-    table = pd.DataFrame([row(r) for r in results], columns=COLUMNS)
-    return table.sort_values("best_val_loss").reset_index(drop=True)
+    primary = primary or primary_task(results)
+    ordered = sorted(results, key=lambda r: (r.task != primary, r.task, r.best_val_loss))
+    rows, ranks = [], Counter[str]()
+    for r in ordered:
+        ranks[r.task] += 1
+        rows.append({"rank": ranks[r.task], **{c: getattr(r, c) for c in COLUMNS if c != "rank"}})
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def plot_validation_curves(results: Sequence[TrainResult], path: str | os.PathLike[str]) -> Path:
+def rounded(table: pd.DataFrame) -> pd.DataFrame:
+    """For display (CSV, artifacts, descriptions); metrics keep full precision."""
+    return table.round(ROUNDING)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The table as markdown, one table per task under a line that names it (the parent run's
+    description in the MLflow UI)."""
+    shown = rounded(table)
+    columns = [c for c in COLUMNS if c not in ("task", "vocab_size", "valid_chars", "run_id")]
+    parts = []
+    for task, rows in shown.groupby("task", sort=False):
+        first = rows.iloc[0]
+        parts.append(f"*{task}* — vocabulary {first['vocab_size']}, {first['valid_chars']:,} validation characters\n")
+        parts.append("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+        parts += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows[columns].itertuples(index=False)]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4f}".rstrip("0").rstrip(".") if value % 1 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def plot_validation_curves(results: Sequence[TrainResult], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Validation loss per epoch, one line per architecture (integer epochs on the axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for r in sorted(results, key=lambda r: r.best_val_loss):
         curve = r.val_loss_curve
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=r.architecture)
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=f"{r.architecture} ({r.task})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation loss (nats/char)")
-    ax.set_title("charlm: validation loss by architecture")
+    ax.set_title(f"charlm: validation loss by architecture{' — ' + title if title else ''}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

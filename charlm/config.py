@@ -138,8 +138,10 @@ class RunConfig(_Strict):
         for section in ("model", "data", "optim"):
             for key, value in getattr(self, section).model_dump().items():
                 out[f"{section}.{key}"] = value
-        for i, phase in enumerate(self.schedule):
-            out[f"schedule.{i}"] = ",".join(f"{k}={v}" for k, v in phase.model_dump(exclude_none=True).items())
+        for i, phase in enumerate(self.schedule):  # a constant phase has no SGDR fields
+            fields = ("kind", "lr", "epochs") if phase.kind == "constant" else tuple(Phase.model_fields)
+            for key in fields:
+                out[f"schedule.{i}.{key}"] = phase.total_epochs if key == "epochs" else getattr(phase, key)
         out.update(seed=self.seed, epochs=self.epochs)
         return out
 
@@ -266,13 +268,15 @@ def notebook(architecture: str) -> RunConfig:
 
 
 def tiny(architecture: str) -> RunConfig:
-    """Small enough to train in seconds on a CPU: one constant epoch, then two one-epoch SGDR cycles."""
+    """Small enough to train in seconds on a CPU: one constant epoch, then two one-epoch SGDR cycles.
+    Every architecture gets the same task (lowercased text, ``min_freq`` 1), so tiny runs compare."""
     base = notebook(architecture)
     return RunConfig(
         model=base.model.model_copy(update={"embedding_dim": 8, "hidden_size": 32, "dropout": 0.0, "num_layers": 1}),
         data=base.data.model_copy(
             update={
                 "batch_size": 16 if base.data.batch_size < 512 else 64,
+                "lowercase": True,
                 "min_freq": 1,
                 "context": 3 if architecture == "char3" else 8,
             }

@@ -14,25 +14,93 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
-from mlflow.data.dataset_source_registry import resolve_dataset_source
+import psutil
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import _dataset_source_registry, resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Run
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from charlm.distributed import DistributedConfig, launch_training
 from charlm.job import TrackingTarget, TrainJob, TrainResult, run_job
 from charlm.prepared import CorpusRef
+from charlm.provenance import source_tags
+
+ENTRY_POINT = "flows/pipeline.py"
 
 
-def log_corpus_input(run_id: str, corpus: CorpusRef) -> None:
-    """The corpus as an MLflow dataset input, with its digest (lineage)."""
+def dataset_source(corpus: CorpusRef) -> DatasetSource:
+    """The corpus's MLflow dataset source, of the type its URI says (local file, S3, HTTP)."""
+    scheme = urlparse(corpus.uri).scheme
+    kind = {"": "local", "file": "local", "s3": "s3", "http": "http", "https": "http"}.get(scheme, scheme)
+    candidates = [s for s in _dataset_source_registry.sources if s._get_source_type() == kind][:1]
+    return resolve_dataset_source(corpus.resolved_uri, candidate_sources=candidates or None)
+
+
+def log_corpus_input(client: MlflowClient, run_id: str, corpus: CorpusRef) -> None:
+    """The corpus as the run's dataset input. MLflow merges datasets by name and digest, so the
+    name is the whole resolved URI (with the endpoint of an S3-compatible store): the same bytes
+    read from two places stay two datasets."""
+    name = corpus.resolved_uri + (f" @ {corpus.endpoint_url}" if corpus.endpoint_url else "")
     dataset = MetaDataset(  # type: ignore[abstract]  # concrete at run time; MLflow's stub says otherwise
-        source=resolve_dataset_source(corpus.uri), name=Path(corpus.uri).name or corpus.uri, digest=corpus.sha256[:36]
+        source=dataset_source(corpus), name=name, digest=corpus.sha256[:36]
     )
-    with mlflow.start_run(run_id=run_id, nested=True):
-        mlflow.log_input(dataset, context="training", tags={"sha256": corpus.sha256, "size": str(corpus.size)})
+    tags = [
+        InputTag(MLFLOW_DATASET_CONTEXT, "training"),
+        InputTag("sha256", corpus.sha256),
+        InputTag("size", str(corpus.size)),
+    ]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+
+def corpus_tags(corpus: CorpusRef) -> dict[str, str]:
+    tags = {"charlm.corpus_sha256": corpus.sha256, "charlm.corpus_uri": corpus.resolved_uri}
+    if corpus.endpoint_url:
+        tags["charlm.s3_endpoint"] = corpus.endpoint_url
+    return tags
+
+
+def process_tags() -> dict[str, str]:
+    """Which process owns a run (so a later pipeline can tell that it died)."""
+    me = psutil.Process()
+    return {
+        "charlm.host": socket.gethostname(),
+        "charlm.pid": str(me.pid),
+        "charlm.pid_started": repr(me.create_time()),
+    }
+
+
+def owner_gone(run: Run) -> str | None:
+    """Why the process that owns ``run`` is known to be dead (it ran on this host), else None."""
+    tags = run.data.tags
+    if tags.get("charlm.host") != socket.gethostname() or "charlm.pid" not in tags:
+        return None
+    pid = int(tags["charlm.pid"])
+    try:
+        alive = repr(psutil.Process(pid).create_time()) == tags.get("charlm.pid_started")
+    except psutil.Error:
+        alive = False
+    return None if alive else f"its process {pid} on {tags['charlm.host']} is gone"
+
+
+def close_orphaned_runs(experiment_id: str, why_dead: Callable[[Run], str | None]) -> list[str]:
+    """Mark FAILED, with the reason as ``charlm.error``, every RUNNING run of ``experiment_id`` that
+    ``why_dead`` says belongs to a dead pipeline (killed, crashed, its machine lost); their ids."""
+    client = MlflowClient()
+    closed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        reason = why_dead(run)
+        if reason:
+            client.set_tag(run.info.run_id, "charlm.error", f"the pipeline died: {reason}")
+            client.set_terminated(run.info.run_id, status="FAILED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def placement_tags(devices: list[int] | None) -> dict[str, str]:
@@ -46,21 +114,31 @@ def placement_tags(devices: list[int] | None) -> dict[str, str]:
 
 
 def start_parent_run(experiment_name: str, run_name: str, corpus: CorpusRef, tags: dict[str, str]) -> tuple[str, str]:
-    """The pipeline's parent run, with the corpus as its input: ``(experiment_id, run_id)``."""
+    """The pipeline's parent run (RUNNING until :func:`end_run`), with the corpus as its input:
+    ``(experiment_id, run_id)``."""
     client = MlflowClient()
     experiment = mlflow.set_experiment(experiment_name)
     run = client.create_run(
         experiment.experiment_id,
         run_name=run_name,
         tags={
-            "charlm.corpus_sha256": corpus.sha256,
-            "charlm.corpus_uri": corpus.uri,
+            **corpus_tags(corpus),
+            **source_tags(ENTRY_POINT),
+            **process_tags(),
             "charlm.kind": "pipeline",
             **tags,
         },
     )
-    log_corpus_input(run.info.run_id, corpus)
+    log_corpus_input(client, run.info.run_id, corpus)
     return experiment.experiment_id, run.info.run_id
+
+
+def end_run(run_id: str, error: BaseException | None = None) -> None:
+    """FINISHED, or FAILED with the error as the ``charlm.error`` tag."""
+    client = MlflowClient()
+    if error is not None:
+        client.set_tag(run_id, "charlm.error", "".join(traceback.format_exception_only(type(error), error))[:5000])
+    client.set_terminated(run_id, status="FAILED" if error is not None else "FINISHED")
 
 
 def train_in_child_run(
@@ -84,8 +162,11 @@ def train_in_child_run(
         tags={
             "mlflow.parentRunId": parent_run_id,
             "charlm.architecture": arch,
-            "charlm.corpus_sha256": corpus.sha256,
-            "charlm.host": socket.gethostname(),
+            "charlm.task": job.data.settings.task,
+            "charlm.fingerprint": job.fingerprint(),
+            **corpus_tags(corpus),
+            **source_tags(ENTRY_POINT),
+            **process_tags(),
             **placement_tags(devices),
             **(tags or {}),
         },
@@ -93,15 +174,14 @@ def train_in_child_run(
     run_id = run.info.run_id
     job = job.model_copy(update={"tracking": TrackingTarget(tracking_uri=mlflow.get_tracking_uri(), run_id=run_id)})
     try:
-        log_corpus_input(run_id, corpus)
+        log_corpus_input(client, run_id, corpus)
         for name in ("vocab.json", "stats.json"):
             client.log_artifact(run_id, str(Path(job.data.dir) / name), artifact_path="data")
         started = time.perf_counter()
         result = run_job(job) if distributed is None else launch_training(job, dist=distributed, devices=devices)
         wall = time.perf_counter() - started
     except BaseException as err:
-        client.set_tag(run_id, "charlm.error", "".join(traceback.format_exception_only(type(err), err))[:5000])
-        client.set_terminated(run_id, status="FAILED")
+        end_run(run_id, err)
         raise
-    client.set_terminated(run_id, status="FINISHED")
+    end_run(run_id)
     return result.model_copy(update={"wall_time_s": wall, "run_id": run_id})

@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from charlm import faults, prepared
 from charlm.checkpoint import load_checkpoint
 from charlm.config import RunConfig
-from charlm.prepared import PreparedRef
+from charlm.prepared import PreparedRef, PrepSettings
+from charlm.provenance import fingerprint
 from charlm.training import Callback, DistInfo, FitResult, Trainer, bits_per_char
 
 RESUME_LAST = "last"  # TrainJob.resume: continue from checkpoint_dir/last.pt when there is one
@@ -55,6 +56,21 @@ class TrainJob(BaseModel):
     def architecture(self) -> str:
         return self.config.architecture
 
+    def fingerprint(self) -> str:
+        """What determines this job's result: corpus, preparation settings, configuration, code."""
+        return fingerprint(
+            self.data.corpus.sha256, self.data.settings.model_dump(), self.config.model_dump(mode="json")
+        )
+
+    def model_tags(self) -> dict[str, str]:
+        """Tags of every model the job logs: what it was trained and validated on, and its fingerprint."""
+        return {
+            "charlm.task": self.data.settings.task,
+            "charlm.vocab_size": str(self.data.stats["vocab_size"]),
+            "charlm.corpus_sha256": self.data.corpus.sha256,
+            "charlm.fingerprint": self.fingerprint(),
+        }
+
     def resume_path(self) -> Path | None:
         """The checkpoint this job continues from, if any (read on the main rank only)."""
         if self.resume is None:
@@ -67,10 +83,20 @@ class TrainJob(BaseModel):
         return Path(self.resume)
 
 
+def config_fingerprint(corpus_sha256: str, config: RunConfig) -> str:
+    """The fingerprint of training ``config`` on the corpus with that digest (see :mod:`charlm.provenance`)."""
+    return fingerprint(corpus_sha256, PrepSettings.of(config).model_dump(), config.model_dump(mode="json"))
+
+
+def run_fingerprint(corpus_sha256: str, configs: Sequence[RunConfig]) -> str:
+    """The fingerprint of a pipeline run: every architecture's, in any order."""
+    return fingerprint(sorted(config_fingerprint(corpus_sha256, c) for c in configs))
+
+
 class TrainResult(BaseModel):
     """What one job reports, the same from every path (a DDP job: its main rank's)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # the computed fields of a dump are not inputs
 
     architecture: str
     history: list[dict[str, float]]
@@ -89,23 +115,32 @@ class TrainResult(BaseModel):
     node_rank: int = 0
     device: str = "cpu"
     run_id: str | None = None
+    task: str = ""
+    vocab_size: int = 0
+    valid_chars: int = 0
+    fingerprint: str = ""
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def epochs(self) -> int:
         return len(self.history)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def best_val_bpc(self) -> float:
         return bits_per_char(self.best_val_loss) if math.isfinite(self.best_val_loss) else math.inf
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def chars_per_sec(self) -> float:
         return sum(h["chars_per_sec"] for h in self.history) / len(self.history) if self.history else 0.0
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def val_loss_curve(self) -> list[float]:
         return [h["val_loss"] for h in self.history]
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def best_checkpoint(self) -> str | None:
         return self.checkpoints.get("best")
@@ -124,7 +159,7 @@ def run_job(job: TrainJob, dist: DistInfo | None = None, *, callbacks: Sequence[
     if job.tracking is not None and dist.is_main:
         from charlm.tracking import MLflowTracker
 
-        tracker = MLflowTracker.for_job(job.tracking.tracking_uri, job.tracking.run_id, dist)
+        tracker = MLflowTracker.for_job(job.tracking.tracking_uri, job.tracking.run_id, dist, job.model_tags())
         hooks.append(tracker)
     hooks += faults.from_env(dist)
     trainer = Trainer(
@@ -164,4 +199,8 @@ def _result(job: TrainJob, fit: FitResult, trainer: Trainer, tracker: Any) -> Tr
         node_rank=dist.node_rank,
         device=str(trainer.device),
         run_id=job.tracking.run_id if job.tracking else None,
+        task=job.data.settings.task,
+        vocab_size=len(trainer.vocab),
+        valid_chars=int(job.data.stats["valid_chars"]),
+        fingerprint=job.fingerprint(),
     )

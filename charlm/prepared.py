@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -50,7 +51,16 @@ class CorpusRef(_Frozen):
     sha256: str
     size: int = Field(ge=0, description="bytes")
     etag: str | None = None
+    endpoint_url: str | None = Field(None, description="the S3-compatible store it came from (MinIO, Ceph)")
     path: str = Field(description="the stored copy of the bytes (corpora/<sha256> in the store)")
+
+    @property
+    def resolved_uri(self) -> str:
+        """The URI, a local path made absolute (what the records name as the source)."""
+        scheme = urlparse(self.uri).scheme
+        if scheme == "file":
+            return self.uri
+        return self.uri if scheme else Path(self.uri).resolve().as_uri()
 
     def read_text(self) -> str:
         return decode_corpus(Path(self.path).read_bytes(), self.uri)
@@ -67,6 +77,12 @@ class PrepSettings(_Frozen):
     def of(cls, config: RunConfig) -> PrepSettings:
         d = config.data
         return cls(valid_fraction=d.valid_fraction, lowercase=d.lowercase, min_freq=d.min_freq)
+
+    @property
+    def task(self) -> str:
+        """What a validation loss measures, in words: losses of one task compare, of two do not."""
+        case = "lowercased" if self.lowercase else "case-sensitive"
+        return f"{case}, min_freq {self.min_freq}, last {self.valid_fraction:.0%} validation"
 
     def key(self, sha256: str) -> str:
         """The directory name for this corpus digest and these settings."""
@@ -87,12 +103,21 @@ class PreparedRef(_Frozen):
         return Path(self.dir).name
 
 
-def store_corpus(fetched: FetchedCorpus, root: str | os.PathLike[str] | None = None) -> CorpusRef:
+def store_corpus(
+    fetched: FetchedCorpus, root: str | os.PathLike[str] | None = None, endpoint_url: str | None = None
+) -> CorpusRef:
     """Keep the fetched bytes under ``corpora/<sha256>`` (once) and return the reference."""
     path = store_root(root) / "corpora" / fetched.sha256
     if not path.is_file():
         _atomic_dir_write(path, lambda tmp: Path(tmp).write_bytes(fetched.raw), is_file=True)
-    return CorpusRef(uri=fetched.uri, sha256=fetched.sha256, size=fetched.size, etag=fetched.etag, path=str(path))
+    return CorpusRef(
+        uri=fetched.uri,
+        sha256=fetched.sha256,
+        size=fetched.size,
+        etag=fetched.etag,
+        endpoint_url=endpoint_url,
+        path=str(path),
+    )
 
 
 def write(corpus: CorpusRef, settings: PrepSettings, root: str | os.PathLike[str] | None = None) -> PreparedRef:

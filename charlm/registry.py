@@ -12,6 +12,7 @@ version back — so a promotion that is retried whole never creates a duplicate.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,26 +36,27 @@ class Candidate:
     val_loss: float
     run_id: str
     cycle: int | None = None
+    task: str = ""  # what its validation loss measures (charlm.prepared.PrepSettings.task)
+    fingerprint: str = ""  # corpus, settings, config and code that produced it
 
 
 @dataclass(frozen=True)
 class Decision:
     model_name: str
-    version: str
+    version: str | None  # None: nothing registered
     promoted: bool
     reason: str
     candidate: dict[str, Any]
     champion_version: str | None
     champion_val_loss: float | None
+    registered: bool = True  # False: an identical version existed already, or nothing was comparable
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def candidates_of(experiment_id: str, run_ids: list[str]) -> list[Candidate]:
-    """Every logged model (best checkpoints and snapshots) of the given child runs."""
-    import mlflow
-
+    """Every logged model (best checkpoints and snapshots) of the given child runs, best first."""
     models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
     out = []
     for m in models:
@@ -69,9 +71,24 @@ def candidates_of(experiment_id: str, run_ids: list[str]) -> list[Candidate]:
                     val_loss=float(tags["charlm.val_loss"]),
                     run_id=m.source_run_id,
                     cycle=int(cycle) if cycle is not None else None,
+                    task=tags.get("charlm.task", ""),
+                    fingerprint=tags.get("charlm.fingerprint", ""),
                 )
             )
     return sorted(out, key=lambda c: c.val_loss)
+
+
+def comparable(candidates: list[Candidate], champion: ModelVersion | None) -> tuple[str, list[Candidate]]:
+    """The task a promotion is decided on, and the candidates of that task (best first): the
+    champion's task when it has one, else the task most candidates share (ties: the best's).
+    Losses of different tasks (a case-sensitive and a lowercased vocabulary, another split)
+    measure different things and are never ranked against each other."""
+    if champion is not None and champion.tags.get("charlm.task"):
+        task = champion.tags["charlm.task"]
+    else:
+        counts = Counter(c.task for c in candidates)
+        task = max(counts, key=lambda t: (counts[t], -min(c.val_loss for c in candidates if c.task == t)))
+    return task, [c for c in candidates if c.task == task]
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -84,15 +101,21 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
         raise
 
 
-def registered_version(client: MlflowClient, model_name: str, model_id: str) -> ModelVersion | None:
-    """The version of ``model_name`` that registers logged model ``model_id``, if there is one."""
+def identical_version(client: MlflowClient, model_name: str, candidate: Candidate) -> ModelVersion | None:
+    """The version of ``model_name`` that registers this logged model, or one with the same
+    fingerprint (the same corpus, settings, configuration and code), if there is one."""
     try:
         versions = client.search_model_versions(f"name = '{model_name}'")
     except MlflowException as err:
         if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code):
             return None
         raise
-    return next((v for v in versions if v.tags.get("charlm.model_id") == model_id), None)
+    for v in versions:
+        if v.tags.get("charlm.model_id") == candidate.model_id or (
+            candidate.fingerprint and v.tags.get("charlm.fingerprint") == candidate.fingerprint
+        ):
+            return v
+    return None
 
 
 def promote(
@@ -101,36 +124,38 @@ def promote(
     corpus_sha256: str,
     model_name: str = DEFAULT_MODEL_NAME,
     margin: float = 0.0,
-    reevaluate: Callable[[Any], float] | None = None,
+    reevaluate: Callable[[ModelVersion], float] | None = None,
     parent_run_id: str | None = None,
+    run_fingerprint: str | None = None,
     client: MlflowClient | None = None,
 ) -> Decision:
-    """Register ``candidate`` as a new version with alias ``challenger``; make it ``champion``
-    if there is none, or if it beats the champion's validation loss by more than ``margin``.
+    """Register ``candidate`` as a new version; make it ``champion`` if there is none, or if it
+    beats the champion's validation loss by more than ``margin``, else ``challenger``.
 
-    When the champion was trained on another corpus (its ``charlm.corpus_sha256`` tag
-    differs), ``reevaluate(champion_version)`` measures it on this run's validation split.
+    ``challenger`` only ever names a version that lost the gate: a promoted version is
+    ``champion`` alone (the one alias the registry's list shows first), its predecessor
+    ``previous``. A candidate identical to a registered version (same logged model, or the
+    same fingerprint) registers nothing. When the champion was trained on another corpus
+    (its ``charlm.corpus_sha256`` tag differs), ``reevaluate(champion_version)`` measures it
+    on this run's validation split.
     """
     client = client or MlflowClient()
-    tags = {
-        "charlm.architecture": candidate.architecture,
-        "charlm.kind": candidate.kind,
-        "charlm.corpus_sha256": corpus_sha256,
-        "charlm.run_id": candidate.run_id,
-        "charlm.val_loss": repr(float(candidate.val_loss)),
-        "charlm.model_id": candidate.model_id,
-    }
-    if parent_run_id:
-        tags["charlm.parent_run_id"] = parent_run_id
-    if candidate.cycle is not None:
-        tags["charlm.cycle"] = str(candidate.cycle)
-
-    version = registered_version(client, model_name, candidate.model_id)
-    if version is None:
-        version = mlflow.register_model(f"models:/{candidate.model_id}", model_name, tags=tags)
-    client.set_registered_model_alias(model_name, CHALLENGER, version.version)
-
     champion = alias_version(client, model_name, CHAMPION)
+    same = identical_version(client, model_name, candidate)
+    if same is not None:
+        decision = Decision(
+            model_name=model_name,
+            version=same.version,
+            promoted=False,
+            reason=f"identical to v{same.version} (same corpus, settings, configuration and code): no new version",
+            candidate=asdict(candidate),
+            champion_version=champion.version if champion else None,
+            champion_val_loss=None,
+            registered=False,
+        )
+        _record(client, decision, parent_run_id, tag_version=False)
+        return decision
+
     champion_loss: float | None = None
     if champion is None:
         promoted, reason = True, "no champion yet"
@@ -151,10 +176,32 @@ def promote(
             f"by more than the margin {margin}"
         )
 
+    tags = {
+        "charlm.architecture": candidate.architecture,
+        "charlm.kind": candidate.kind,
+        "charlm.corpus_sha256": corpus_sha256,
+        "charlm.run_id": candidate.run_id,
+        "charlm.val_loss": repr(float(candidate.val_loss)),
+        "charlm.model_id": candidate.model_id,
+        "charlm.task": candidate.task,
+        "charlm.fingerprint": candidate.fingerprint,
+    }
+    if parent_run_id:
+        tags["charlm.parent_run_id"] = parent_run_id
+    if run_fingerprint:
+        tags["charlm.run_fingerprint"] = run_fingerprint
+    if candidate.cycle is not None:
+        tags["charlm.cycle"] = str(candidate.cycle)
+    # The path that also tags the logged model with its version (its page then says "Registered").
+    version = mlflow.register_model(f"models:/{candidate.model_id}", model_name, tags=tags)
     if promoted:
         if champion is not None:
             client.set_registered_model_alias(model_name, PREVIOUS, champion.version)
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
+        if alias_version(client, model_name, CHALLENGER) is not None:  # it lost to the old champion: stale
+            client.delete_registered_model_alias(model_name, CHALLENGER)
+    else:
+        client.set_registered_model_alias(model_name, CHALLENGER, version.version)
     decision = Decision(
         model_name=model_name,
         version=version.version,
@@ -195,10 +242,14 @@ def rollback(model_name: str = DEFAULT_MODEL_NAME, *, client: MlflowClient | Non
     return decision
 
 
-def _record(client: MlflowClient, decision: Decision, parent_run_id: str | None) -> None:
-    outcome = "promoted to champion" if decision.promoted else "kept as challenger"
+def _record(client: MlflowClient, decision: Decision, parent_run_id: str | None, tag_version: bool = True) -> None:
+    if not decision.registered:
+        outcome = "not registered"
+    else:
+        outcome = "promoted to champion" if decision.promoted else "kept as challenger"
     for key, value in {"charlm.decision": outcome, "charlm.reason": decision.reason}.items():
-        client.set_model_version_tag(decision.model_name, decision.version, key, value)
+        if tag_version and decision.version is not None:
+            client.set_model_version_tag(decision.model_name, decision.version, key, value)
         if parent_run_id:
             client.set_tag(parent_run_id, key, value)
 
@@ -227,6 +278,21 @@ def promote_run(
     candidates = candidates_of(parent.info.experiment_id, [c.info.run_id for c in children])
     if not candidates:
         raise ValueError(f"run {parent_run_id}: no candidate models (best checkpoints or snapshots) were logged")
+    champion = alias_version(client, model_name, CHAMPION)
+    task, same_task = comparable(candidates, champion)
+    if not same_task:
+        decision = Decision(
+            model_name=model_name,
+            version=None,
+            promoted=False,
+            reason=f"no candidate was validated on the champion's task ({task}): nothing compared or registered",
+            candidate={},
+            champion_version=champion.version if champion else None,
+            champion_val_loss=None,
+            registered=False,
+        )
+        _record(client, decision, parent_run_id)
+        return decision
 
     def reevaluate(version: ModelVersion) -> float:
         if read_corpus is None:
@@ -235,8 +301,9 @@ def promote_run(
         return float(loaded.evaluate_text(read_corpus())["val_loss"])
 
     return promote(
-        candidates[0],
+        same_task[0],
         corpus_sha256=sha256,
+        run_fingerprint=parent.data.tags.get("charlm.fingerprint"),
         model_name=model_name,
         margin=margin,
         reevaluate=reevaluate,

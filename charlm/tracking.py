@@ -7,20 +7,25 @@ thread-local, and several architectures train at once in one process).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.models.model import ModelInfo
+from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.pyfunc.model import PythonModel
 from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, ConfigDict, Field
 
 from charlm.generate import LoadedModel
 from charlm.training import Callback, DistInfo, FitResult, Trainer
 
 # Explicit requirements keep log_model from inferring them (seconds per call).
 PIP_REQUIREMENTS = ["charlm", "torch", "numpy", "pydantic", "pandas"]
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # logged as the model's code: no pickled object
+# MLflow checks each logged model against its input example and says so at INFO, once per model.
+logging.getLogger("mlflow.models.signature").setLevel(logging.WARNING)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -54,41 +59,50 @@ def check_tracking_server(uri: str | None = None, timeout: float = 10.0) -> str:
     return uri
 
 
-class CharLMPyfunc(PythonModel):
-    """Generates text from a charlm checkpoint.
+MAX_LENGTH = 10_000  # characters one request may ask for
 
-    Input: a DataFrame with a ``prime`` column and optional ``length``,
-    ``temperature``, ``top_k`` and ``seed`` columns (or the same as params).
-    Output: a list of generated texts (without the priming text).
+
+class GenerationRequest(BaseModel):
+    """One row of the served model's input: a priming text and the sampling options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prime: str = Field(description="the text to continue")
+    length: int = Field(200, ge=0, le=MAX_LENGTH, description=f"characters to generate (at most {MAX_LENGTH:,})")
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="0 = greedy")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely characters")
+    seed: int | None = Field(None, description="make the sample reproducible")
+
+
+INPUT_EXAMPLE = [{"prime": "the spirit ", "length": 40, "temperature": 0.8, "seed": 1}]
+
+
+class CharLMPyfunc(PythonModel):
+    """Generates text from a charlm checkpoint (logged as code: ``charlm/pyfunc_model.py``).
+
+    Input: rows of :class:`GenerationRequest` — a list of dicts, or a DataFrame with a
+    ``prime`` column and optional ``length``, ``temperature``, ``top_k``, ``seed``
+    columns; every option goes in the row (MLflow's typed pyfuncs take no params).
+    Output: the generated texts, without the priming text.
     """
 
     def load_context(self, context: Any) -> None:
-        from charlm.generate import LoadedModel
-
         self.model = LoadedModel.from_checkpoint(context.artifacts["checkpoint"], device="cpu")
 
-    # Typed by a type comment, not annotations: with annotations MLflow would drop ``params``.
-    def predict(self, context, model_input, params=None):  # type: (Any, Any, dict[str, Any] | None) -> list[str]
-        import pandas as pd
-
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "prime" not in frame.columns:
-            raise ValueError(f"input needs a 'prime' column, got {list(frame.columns)}")
-        params = params or {}
-        outputs = []
-        for row in frame.to_dict("records"):
-            options = {**params, **{k: v for k, v in row.items() if v is not None and v == v}}  # NaN: not given
-            outputs.append(
-                self.model.generate(
-                    str(row["prime"]),
-                    int(options.get("length", 200)),
-                    temperature=float(options.get("temperature", 1.0)),
-                    top_k=None if options.get("top_k") is None else int(options["top_k"]),
-                    seed=None if options.get("seed") is None else int(options["seed"]),
-                    on_unknown="unk",
-                )
+    def predict(
+        self, context: Any, model_input: list[GenerationRequest], params: dict[str, Any] | None = None
+    ) -> list[str]:
+        return [
+            self.model.generate(
+                request.prime,
+                request.length,
+                temperature=request.temperature,
+                top_k=request.top_k,
+                seed=request.seed,
+                on_unknown="unk",
             )
-        return outputs
+            for request in model_input
+        ]
 
 
 def load_registered(model_uri: str) -> LoadedModel:
@@ -102,21 +116,42 @@ def log_checkpoint_model(
     checkpoint: str | os.PathLike[str],
     name: str,
     *,
+    run_id: str,
     step: int = 0,
     tags: dict[str, Any] | None = None,
-    params: dict[str, Any] | None = None,
-) -> ModelInfo:
-    """Log a checkpoint as an MLflow 3 logged model (a pyfunc) in the active run."""
-    info: ModelInfo = mlflow.pyfunc.log_model(
+    client: MlflowClient | None = None,
+) -> str:
+    """Log a checkpoint as an MLflow 3 logged model of run ``run_id`` (a pyfunc, as code), linked to
+    the run's metrics at ``step``; returns its model id. The run stays as it is (no active run is
+    opened, so none is ended)."""
+    client = client or MlflowClient()
+    run = client.get_run(run_id)
+    model = mlflow.initialize_logged_model(
         name=name,
-        python_model=CharLMPyfunc(),
+        source_run_id=run_id,
+        experiment_id=run.info.experiment_id,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+    )
+    mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(MODEL_CODE),
         artifacts={"checkpoint": str(checkpoint)},
         pip_requirements=PIP_REQUIREMENTS,
-        step=step,
-        tags={k: str(v) for k, v in (tags or {}).items()},
-        params={k: str(v) for k, v in (params or {}).items()} or None,
+        input_example=INPUT_EXAMPLE,
+        model_id=model.model_id,
     )
-    return info
+    # What log_model(step=…) does for an active run: the run names the model as an output, and the
+    # run's metrics at that step are the model's too.
+    client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step=step)])
+    at_step = [
+        Metric(m.key, m.value, m.timestamp, m.step, run_id=run_id, model_id=model.model_id)
+        for key in run.data.metrics
+        for m in client.get_metric_history(run_id, key)
+        if m.step == step and m.model_id is None
+    ]
+    if at_step:
+        client.log_batch(run_id, metrics=at_step)
+    return str(model.model_id)
 
 
 class MLflowTracker(Callback):
@@ -128,16 +163,26 @@ class MLflowTracker(Callback):
     cycle-end snapshot as its own logged model tagged with the cycle index.
     """
 
-    def __init__(self, run_id: str, *, client: MlflowClient | None = None, log_snapshots: bool = True) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        client: MlflowClient | None = None,
+        log_snapshots: bool = True,
+        model_tags: dict[str, str] | None = None,
+    ) -> None:
         self.run_id = run_id
         self.client = client or MlflowClient()
         self.log_snapshots = log_snapshots
+        self.model_tags = model_tags or {}  # on every logged model (task, fingerprint, corpus)
         self.snapshot_model_ids: dict[int, str] = {}
         self.best_model_id: str | None = None
         self._logged_step = self._logged_epoch = 0
 
     @classmethod
-    def for_job(cls, tracking_uri: str, run_id: str, dist: DistInfo) -> MLflowTracker:
+    def for_job(
+        cls, tracking_uri: str, run_id: str, dist: DistInfo, model_tags: dict[str, str] | None = None
+    ) -> MLflowTracker:
         """The tracker of a job's main rank, its run tagged with where the job ran."""
         mlflow.set_tracking_uri(tracking_uri)  # the fluent API (log_model) uses it too
         client = MlflowClient(tracking_uri)
@@ -145,7 +190,7 @@ class MLflowTracker(Callback):
         from mlflow.entities import RunTag
 
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        return cls(run_id, client=client)
+        return cls(run_id, client=client, model_tags=model_tags)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.step:  # a resumed run: parameters are logged; skip what the failed attempt already logged
@@ -210,9 +255,10 @@ class MLflowTracker(Callback):
         self, trainer: Trainer, path: str | os.PathLike[str], kind: str, step: int, tags: dict[str, Any]
     ) -> str:
         arch = trainer.config.architecture
-        with mlflow.start_run(run_id=self.run_id, nested=True):
-            info = log_checkpoint_model(path, f"{arch}-{kind}", step=step, tags={"charlm.architecture": arch, **tags})
-        return str(info.model_id)
+        tags = {"charlm.architecture": arch, **self.model_tags, **tags}
+        return log_checkpoint_model(
+            path, f"{arch}-{kind}", run_id=self.run_id, step=step, tags=tags, client=self.client
+        )
 
 
 def _now_ms() -> int:

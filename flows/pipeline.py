@@ -12,12 +12,16 @@ import os
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per logged model is console noise
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -27,8 +31,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from charlm import compare, prepared, registry
 from charlm.device import uses_cuda
 from charlm.distributed import DistributedConfig, GpuAllocator
-from charlm.experiment import start_parent_run, train_in_child_run
-from charlm.job import TrainJob, TrainResult
+from charlm.experiment import close_orphaned_runs, end_run, owner_gone, start_parent_run, train_in_child_run
+from charlm.job import TrainJob, TrainResult, run_fingerprint
 from charlm.prepared import CorpusRef, PreparedRef, PrepSettings
 from charlm.storage import CorpusFetchError, fetch_corpus
 from charlm.tracking import check_tracking_server
@@ -55,7 +59,7 @@ def _transient(task: Any, run: Any, state: Any) -> bool:
 def fetch(uri: str, endpoint_url: str | None, root: str) -> CorpusRef:
     """Download the corpus and keep its bytes in the store (the clients retry single requests;
     this task retries a failed fetch twice more, minutes apart, only when the failure may pass)."""
-    corpus = prepared.store_corpus(fetch_corpus(uri, endpoint_url=endpoint_url), root)
+    corpus = prepared.store_corpus(fetch_corpus(uri, endpoint_url=endpoint_url), root, endpoint_url)
     logger().info("fetched %s: %d bytes, sha256 %s, ETag %s", uri, corpus.size, corpus.sha256, corpus.etag)
     return corpus
 
@@ -83,7 +87,12 @@ def train(
 ) -> TrainResult:
     """Train one architecture in its MLflow child run: here, or as a DDP job on an allotted set of
     GPUs — across machines when ``distributed.nnodes > 1`` (this task is the job's driver)."""
-    run = {"experiment_id": experiment_id, "parent_run_id": parent_run_id, "distributed": distributed}
+    run = {
+        "experiment_id": experiment_id,
+        "parent_run_id": parent_run_id,
+        "distributed": distributed,
+        "tags": {"prefect.flow_run_id": str(flow_run.get_id())},  # a later pipeline can tell if it died
+    }
     if distributed is None:
         return train_in_child_run(job, **run)
     nodes = start_joining_nodes(distributed, node_deployment, gpus_per_task) if distributed.nnodes > 1 else []
@@ -99,17 +108,23 @@ def train(
 
 
 @task(name="compare-architectures")
-def compare_architectures(results: list[TrainResult], parent_run_id: str, output_dir: str) -> list[dict[str, Any]]:
-    """The ranked table (Prefect artifact, CSV) and the validation curves, on the parent run."""
-    table = compare.comparison_table(results)
+def compare_architectures(
+    results: list[TrainResult], parent_run_id: str, output_dir: str, primary_task: str, title: str
+) -> list[dict[str, Any]]:
+    """The table, ranked within each task (Prefect artifact, CSV, the parent run's description),
+    and the validation curves, on the parent run."""
+    table = compare.comparison_table(results, primary_task)
     csv_path, png_path = Path(output_dir) / "comparison.csv", Path(output_dir) / "val_loss_curves.png"
-    table.to_csv(csv_path, index=False)
-    compare.plot_validation_curves(results, png_path)
+    compare.rounded(table).to_csv(csv_path, index=False)
+    compare.plot_validation_curves(results, png_path, title)
+    client = MlflowClient()
     for path in (csv_path, png_path):
-        MlflowClient().log_artifact(parent_run_id, str(path), artifact_path="comparison")
-    records: list[dict[str, Any]] = table.round(4).to_dict("records")
-    create_table_artifact(records, key="charlm-comparison", description="Architectures by best val loss (nats/char)")
-    return records
+        client.log_artifact(parent_run_id, str(path), artifact_path="comparison")
+    description = f"**{title}** — ranked within each task; the best of *{primary_task}* is promoted.\n\n"
+    client.set_tag(parent_run_id, "mlflow.note.content", description + compare.markdown(table))
+    records: list[dict[str, Any]] = compare.rounded(table).to_dict("records")
+    create_table_artifact(records, key="charlm-comparison", description="Ranked by best val loss within each task")
+    return table.to_dict("records")
 
 
 @task(name="promote-best", retries=2, retry_delay_seconds=[10, 60])
@@ -125,12 +140,41 @@ def promote(parent_run_id: str, model_name: str, margin: float, corpus: CorpusRe
 # --------------------------------------------------------------------------- flow
 
 
-def unchanged_champion(corpus: CorpusRef, model_name: str) -> str | None:
-    """The champion's version when it was trained on exactly this corpus."""
+def unchanged_champion(fingerprint: str, model_name: str) -> str | None:
+    """The champion's version when it came from a run with this fingerprint: the same corpus,
+    architectures, settings and code."""
     champion = registry.alias_version(MlflowClient(), model_name, registry.CHAMPION)
-    if champion is not None and champion.tags.get("charlm.corpus_sha256") == corpus.sha256:
+    if champion is not None and champion.tags.get("charlm.run_fingerprint") == fingerprint:
         return str(champion.version)
     return None
+
+
+def why_dead(current_flow_run: str) -> Callable[[Run], str | None]:
+    """How to tell that a RUNNING MLflow run belongs to a dead pipeline: its process is gone from
+    this host, or its Prefect flow run has ended (then marked Crashed if it still says Running)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    def check(run: Run) -> str | None:
+        flow_run_id = run.data.tags.get("prefect.flow_run_id")
+        if flow_run_id == current_flow_run:
+            return None
+        gone = owner_gone(run)
+        if flow_run_id in (None, "local"):
+            return gone
+        with get_client(sync_client=True) as client:
+            try:
+                state = client.read_flow_run(UUID(flow_run_id)).state
+            except (ObjectNotFound, ValueError):
+                return gone or f"its flow run {flow_run_id} no longer exists"
+            if state is not None and state.is_final():
+                return f"its flow run {flow_run_id} ended {state.name}"
+            if gone and state is not None and state.is_running():
+                client.set_flow_run_state(UUID(flow_run_id), Crashed(message=f"charlm: {gone}"), force=True)
+        return gone
+
+    return check
 
 
 @flow(name="charlm-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
@@ -142,11 +186,15 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
     distributed = params.distribution(run_id)
     tracking_uri = check_tracking_server()  # an unreachable tracking server fails here, before any work
     mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = mlflow.set_experiment(params.experiment_name).experiment_id
+    for closed in close_orphaned_runs(experiment_id, why_dead(run_id)):
+        print(f"MLflow run {closed} belonged to a pipeline that died: marked FAILED")
     root = str(prepared.store_root())
 
     corpus = fetch(params.corpus_uri, params.s3_endpoint_url, root)
-    if params.skip_if_unchanged and (version := unchanged_champion(corpus, params.model_name)):
-        print(f"corpus {corpus.sha256[:12]} unchanged and {params.model_name} v{version} (champion) was trained on it")
+    fingerprint = run_fingerprint(corpus.sha256, configs)
+    if params.skip_if_unchanged and (version := unchanged_champion(fingerprint, params.model_name)):
+        print(f"{params.model_name} v{version} (champion) came from this corpus, settings and code: nothing to do")
         return {"skipped": True, "corpus": corpus.model_dump(), "champion_version": version}
 
     settings = {PrepSettings.of(c) for c in configs}
@@ -154,9 +202,8 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
     output_dir = Path(root) / "runs" / run_id
     output_dir.mkdir(parents=True, exist_ok=True)
     run_name = f"pipeline-{flow_run.get_name() or 'local'}"
-    experiment_id, parent_id = start_parent_run(
-        params.experiment_name, run_name, corpus, {"prefect.flow_run_id": run_id}
-    )
+    tags = {"prefect.flow_run_id": run_id, "charlm.fingerprint": fingerprint}
+    experiment_id, parent_id = start_parent_run(params.experiment_name, run_name, corpus, tags)
     client = MlflowClient()
     try:
         client.log_param(parent_id, "architectures", ",".join(params.architectures))
@@ -176,24 +223,28 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
         results, failures = run_queued(jobs, submit, params.concurrency)
         if failures:
             raise RuntimeError(f"{len(failures)} architecture(s) failed: " + "; ".join(failures))
-        table = compare_architectures(results, parent_id, str(output_dir))
+        champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
+        primary = compare.primary_task(results, champion.tags.get("charlm.task") if champion else None)
+        title = f"{corpus.uri}, preset {params.preset_name}"
+        table = compare_architectures(results, parent_id, str(output_dir), primary, title)
         promotion = (
             promote(parent_id, params.model_name, params.promotion_margin, corpus) if params.promote_best else None
         )
-    except BaseException:
-        client.set_terminated(parent_id, status="FAILED")
+        client.set_tag(parent_id, "charlm.best_architecture", table[0]["architecture"])
+        client.log_metric(parent_id, "best_val_loss", table[0]["best_val_loss"])
+    except BaseException as err:
+        end_run(parent_id, err)
         raise
-    client.set_tag(parent_id, "charlm.best_architecture", table[0]["architecture"])
-    client.log_metric(parent_id, "best_val_loss", table[0]["best_val_loss"])
-    client.set_terminated(parent_id, status="FINISHED")
+    end_run(parent_id)
     summary = {
         "parent_run_id": parent_id,
         "experiment_id": experiment_id,
         "tracking_uri": tracking_uri,
         "corpus": corpus.model_dump(),
         "best": table[0],
+        "primary_task": primary,
         "table": table,
-        "results": [compare.row(r) | r.model_dump(exclude={"history"}) for r in results],
+        "results": [r.model_dump(exclude={"history"}) for r in results],
         "output_dir": str(output_dir),
         "prepared": {d.key: d.model_dump() for d in data.values()},
         "promotion": promotion,

@@ -27,27 +27,44 @@ def promotion_markdown(decision: dict[str, Any]) -> str:
     )
 
 
+def runs_page(tracking_uri: str, experiment_id: str) -> str:
+    """Where to read the comparison: the experiment's runs table in the machine-learning view (the
+    UI otherwise opens on a GenAI overview); for a local store, the ``mlflow ui`` to start first."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}   then open http://127.0.0.1:5000/{page}"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """The lines a finished run prints: the ranked table, the best, where to look, the registry's decision."""
-    uri = summary["tracking_uri"]
-    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    """The lines a finished run prints: the table ranked within each task, the best, where to look,
+    the registry's decision."""
     lines = ["", "charlm pipeline finished", ""]
-    lines.append(f"{'architecture':<18} {'val_loss':>9} {'val_bpc':>8} {'params':>9} {'epochs':>6} {'chars/s':>9}")
+    header = (
+        f"{'rank':>4} {'architecture':<18} {'val_loss':>9} {'val_bpc':>8} {'params':>9} {'epochs':>6} {'chars/s':>9}"
+    )
+    task = None
     for row in summary["table"]:
+        if row["task"] != task:
+            task = row["task"]
+            lines += [f"task: {task} (vocabulary {row['vocab_size']}, {row['valid_chars']:,} validation chars)", header]
         lines.append(
-            f"{row['architecture']:<18} {row['best_val_loss']:>9.4f} {row['best_val_bpc']:>8.4f} "
+            f"{row['rank']:>4} {row['architecture']:<18} {row['best_val_loss']:>9.4f} {row['best_val_bpc']:>8.4f} "
             f"{row['parameters']:>9,} {row['epochs']:>6} {row['chars_per_sec']:>9,.0f}"
         )
     best = summary["best"]
     lines += [
         "",
-        f"best: {best['architecture']} with validation loss {best['best_val_loss']:.4f} nats/char",
+        f"best: {best['architecture']} with validation loss {best['best_val_loss']:.4f} nats/char ({best['task']})",
         f"MLflow: experiment {summary['experiment_id']}, parent run {summary['parent_run_id']}",
-        f"MLflow UI: {ui}",
+        f"MLflow runs: {runs_page(summary['tracking_uri'], summary['experiment_id'])}",
         f"outputs: {summary['output_dir']}",
     ]
     if summary.get("promotion"):
         d = summary["promotion"]
-        verdict = "is the new champion" if d["promoted"] else "stays challenger"
-        lines.append(f"registry: {d['model_name']} v{d['version']} {verdict} ({d['reason']})")
+        if not d.get("registered", True):
+            lines.append(f"registry: {d['model_name']}: nothing new registered ({d['reason']})")
+        else:
+            verdict = "is the new champion" if d["promoted"] else "stays challenger"
+            lines.append(f"registry: {d['model_name']} v{d['version']} {verdict} ({d['reason']})")
     return "\n".join(lines)

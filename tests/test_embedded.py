@@ -30,6 +30,8 @@ def test_the_pipeline_runs_on_ephemeral_prefect_and_local_sqlite_mlflow(tmp_path
     assert done.returncode == 0, done.stderr[-4000:]
     out = done.stdout + done.stderr
     assert "charlm pipeline finished" in out and "is the new champion" in out
+    noise = [line for line in out.splitlines() if "Warning" in line or "WARNING mlflow" in line]
+    assert noise == [], "\n".join(noise)  # the console of a run shows no library warnings
     assert "Starting temporary server" in out  # Prefect's ephemeral mode, not a configured server
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # MLflow's default store, in the working directory
     champion = client.get_model_version_by_alias("charlm", "champion")

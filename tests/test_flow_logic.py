@@ -131,22 +131,33 @@ def test_the_queue_runs_at_most_concurrency_tasks_and_collects_failures():
 
 
 def test_the_summary_names_the_best_where_to_look_and_the_decision():
-    row = {"architecture": "stateful_gru", "best_val_loss": 1.3712, "best_val_bpc": 1.978, "parameters": 150_000}
-    row |= {"epochs": 9, "chars_per_sec": 30_000.4}
+    lower, cased = "lowercased, min_freq 3, last 20% validation", "case-sensitive, min_freq 1, last 20% validation"
+    common = {"parameters": 150_000, "epochs": 9, "chars_per_sec": 30_000.4, "valid_chars": 120_179}
+    gru = {"rank": 1, "architecture": "stateful_gru", "best_val_loss": 1.3712, "best_val_bpc": 1.978, **common}
+    char3 = {"rank": 1, "architecture": "char3", "best_val_loss": 1.1, "best_val_bpc": 1.6, **common}
     summary = {
         "tracking_uri": "sqlite:///mlflow.db",
-        "table": [row],
-        "best": row,
+        "table": [gru | {"task": lower, "vocab_size": 58}, char3 | {"task": cased, "vocab_size": 84}],
+        "best": gru | {"task": lower},
         "experiment_id": "1",
         "parent_run_id": "abc",
         "output_dir": ".charlm/runs/x",
         "promotion": {"model_name": "charlm", "version": "3", "promoted": False, "reason": "1.37 does not beat"},
     }
     text = format_summary(summary)
-    assert "stateful_gru          1.3712   1.9780   150,000      9    30,000" in text
-    assert "best: stateful_gru with validation loss 1.3712 nats/char" in text
-    assert "MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db" in text
+    assert f"task: {lower} (vocabulary 58, 120,179 validation chars)" in text
+    assert f"task: {cased} (vocabulary 84, 120,179 validation chars)" in text  # ranked apart, not below
+    assert "   1 stateful_gru          1.3712   1.9780   150,000      9    30,000" in text
+    assert f"best: stateful_gru with validation loss 1.3712 nats/char ({lower})" in text
+    assert (
+        "MLflow runs: mlflow ui --backend-store-uri sqlite:///mlflow.db   then open "
+        "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+    ) in text
     assert "registry: charlm v3 stays challenger (1.37 does not beat)" in text
+    summary["tracking_uri"] = "http://mlflow:5000"
+    assert "MLflow runs: http://mlflow:5000/#/experiments/1/runs?workflowType=machine_learning" in format_summary(
+        summary
+    )
 
 
 # --------------------------------------------------------------------------- task bodies

@@ -5,6 +5,7 @@ production); the flow trains three architectures with the tiny preset."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import boto3
@@ -34,6 +35,8 @@ def stack(tmp_path_factory):
             for bucket in ("corpora", "mlflow-artifacts"):
                 s3.create_bucket(Bucket=bucket)
             s3.put_object(Bucket="corpora", Key="corpus.txt", Body=generated_text(1500, seed=1).encode())
+            s3.put_object(Bucket="corpora", Key="copy.txt", Body=generated_text(1500, seed=1).encode())  # same bytes
+            s3.put_object(Bucket="corpora", Key="long.txt", Body=generated_text(40000, seed=4).encode())
             s3.put_object(Bucket="corpora", Key="changed.txt", Body=generated_text(1500, seed=2).encode())
             s3.put_object(Bucket="corpora", Key="latin1.txt", Body="déjà vu".encode("latin-1"))
             with mlflow_server(db_uri, "s3://mlflow-artifacts/", work, s3_endpoint=s3_url) as tracking:
@@ -79,8 +82,16 @@ def test_parent_and_child_runs(stack, first_run):
     parent = client.get_run(first_run["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["charlm.corpus_sha256"] == first_run["corpus"]["sha256"]
+    assert parent.data.tags["charlm.corpus_uri"] == "s3://corpora/corpus.txt"
+    assert parent.data.tags["charlm.s3_endpoint"] == stack["s3_url"]
     assert parent.data.tags["prefect.flow_run_id"]
-    assert parent.inputs.dataset_inputs[0].dataset.digest == first_run["corpus"]["sha256"][:36]
+    assert parent.data.tags["mlflow.source.name"] == "flows/pipeline.py"  # the run page's "Source"
+    assert parent.data.tags["charlm.code_version"] and parent.data.tags["charlm.fingerprint"]
+    (dataset,) = parent.inputs.dataset_inputs
+    assert dataset.dataset.digest == first_run["corpus"]["sha256"][:36]
+    assert dataset.dataset.name == f"s3://corpora/corpus.txt @ {stack['s3_url']}"
+    assert dataset.dataset.source_type == "s3"
+    assert "| rank | architecture | best_val_loss |" in parent.data.tags["mlflow.note.content"]  # the description
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
@@ -102,6 +113,8 @@ def test_metrics_at_steps_and_artifacts_in_s3(stack, first_run):
         assert len(client.get_metric_history(run_id, "lr")) == len(steps)
         run = client.get_run(run_id)
         assert run.data.params["model.architecture"] == result["architecture"]
+        assert run.data.params["schedule.0.lr"] == "0.01" and "schedule.0.cycle_mult" not in run.data.params
+        assert run.data.params["schedule.1.cycle_mult"] == "1"  # the SGDR phase has its fields
         names = {a.path for a in client.list_artifacts(run_id, "checkpoints")} | {
             a.path for a in client.list_artifacts(run_id, "data")
         }
@@ -132,7 +145,7 @@ def test_cycle_snapshots_are_logged_models(stack, first_run):
         for m in snaps:
             assert {x.key for x in m.metrics} >= {"val_loss"}
     model = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
-    out = model.predict({"prime": ["the spirit "], "length": [30], "seed": [0]})
+    out = model.predict([{"prime": "the spirit ", "length": 30, "seed": 0}])
     assert len(out[0]) == 30
 
 
@@ -216,11 +229,13 @@ def test_promotion_and_skipping_an_unchanged_corpus(stack, first_run):
     )
     assert client.get_run(first_run["parent_run_id"]).data.tags["charlm.decision"] == "promoted to champion"
 
-    # Later runs may have moved the champion; skip on whichever corpus it was trained on.
+    # Later runs may have moved the champion: skip a run the same as the one it came from.
     champion = client.get_model_version_by_alias("charlm", "champion")
-    key = "corpus.txt" if champion.tags["charlm.corpus_sha256"] == first_run["corpus"]["sha256"] else "changed.txt"
+    parent = client.get_run(champion.tags["charlm.parent_run_id"])
+    key = parent.data.tags["charlm.corpus_uri"].rsplit("/", 1)[1]
+    architectures = parent.data.params["architectures"].split(",")
     before = len(_runs_in(stack))
-    skipped = run_flow(stack, key=key, skip_if_unchanged=True)
+    skipped = run_flow(stack, key=key, architectures=architectures, skip_if_unchanged=True)
     assert skipped["skipped"] and skipped["champion_version"] == champion.version
     assert len(_runs_in(stack)) == before
 
@@ -406,6 +421,8 @@ def test_a_ddp_worker_error_fails_its_task_with_that_error_and_the_run_is_marked
         )
     (child,) = [r for r in _runs_in(stack, "e2e-ddp-failure") if r.data.tags.get("charlm.architecture") == "seq_rnn"]
     assert child.info.status == "FAILED" and "rank 1 raised at step 5" in child.data.tags["charlm.error"]
+    (parent,) = [r for r in _runs_in(stack, "e2e-ddp-failure") if r.data.tags.get("charlm.kind") == "pipeline"]
+    assert parent.info.status == "FAILED" and "1 architecture(s) failed" in parent.data.tags["charlm.error"]
 
 
 def test_a_multinode_job_whose_nodes_never_come_fails_and_cancels_their_runs(stack):
@@ -444,3 +461,78 @@ def test_with_dask_gpus_per_task_become_a_worker_resource(stack):
     )
     runs = runs_of_two_gpu_tasks(stack, runner, "e2e-dask-gpu")
     assert runs[1].info.start_time >= runs[0].info.end_time  # the GPU resource serialized them
+
+
+def test_two_uris_with_the_same_bytes_stay_two_datasets(stack, first_run):
+    copy = run_flow(stack, key="copy.txt", architectures=["char3"], promote_best=False)
+    assert copy["corpus"]["sha256"] == first_run["corpus"]["sha256"]
+    client = MlflowClient(stack["tracking"])
+    for summary, key in ((first_run, "corpus.txt"), (copy, "copy.txt")):
+        for run_id in [summary["parent_run_id"], *(r["run_id"] for r in summary["results"])]:
+            (dataset,) = client.get_run(run_id).inputs.dataset_inputs
+            assert dataset.dataset.name.startswith(f"s3://corpora/{key} @ ")  # never the other URI
+
+
+def test_an_identical_rerun_registers_no_new_version_and_skip_if_unchanged_compares_the_fingerprint(stack):
+    client = MlflowClient(stack["tracking"])
+    params = {"architectures": ["seq_rnn"], "experiment_name": "e2e-fingerprint", "model_name": "charlm-fp"}
+    first = run_flow(stack, **params)
+    assert first["promotion"]["promoted"] and first["promotion"]["registered"]
+    again = run_flow(stack, **params)
+    assert again["promotion"]["registered"] is False and "identical to v1" in again["promotion"]["reason"]
+    assert [v.version for v in client.search_model_versions("name = 'charlm-fp'")] == ["1"]
+    champion = client.get_model_version_by_alias("charlm-fp", "champion")
+    logged = client.get_logged_model(champion.tags["charlm.model_id"])
+    assert "charlm-fp" in logged.tags["mlflow.modelVersions"]  # the logged model knows its version
+    assert run_flow(stack, skip_if_unchanged=True, **params)["skipped"]
+    changed = run_flow(stack, skip_if_unchanged=True, overrides={"*": {"seed": 1}}, **params)
+    assert not changed["skipped"]  # another setting: another fingerprint, trained again
+
+
+def test_a_killed_pipeline_leaves_failed_runs_and_the_next_one_completes(stack, tmp_path):
+    """SIGKILL mid-training: nothing the dead pipeline left may look like a success, at the latest
+    once the next pipeline has started; the next one runs normally."""
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    experiment = "e2e-killed"
+    command = [sys.executable, "-m", "flows.pipeline", "--corpus-uri", "s3://corpora/long.txt", "--preset", "tiny"]
+    command += ["--arch", "stateful_lstm", "--experiment", experiment, "--s3-endpoint-url", stack["s3_url"]]
+    command += ["--no-promote", "--set", "model.hidden_size=128"]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(Path(__file__).parents[1])}
+    log = tmp_path / "killed.log"
+    proc = subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    client = MlflowClient(stack["tracking"])
+    try:
+        child = None
+        for _ in range(600):  # until the child run has logged training steps (it is RUNNING meanwhile)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            runs = [r for r in _runs_in(stack, experiment) if "charlm.architecture" in r.data.tags]
+            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss_step"):
+                child = runs[0]
+                break
+            time.sleep(0.5)
+        assert child is not None, log.read_text()[-3000:]
+        assert client.get_run(child.info.run_id).info.status == "RUNNING"  # RUNNING while it trains
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = _runs_in(stack, experiment)
+    assert {r.info.status for r in killed} == {"RUNNING"}  # what the dead process left behind
+    flow_run_id = killed[0].data.tags["prefect.flow_run_id"]
+
+    after = run_flow(stack, architectures=["char3"], experiment_name=experiment, promote_best=False)
+    assert client.get_run(after["parent_run_id"]).info.status == "FINISHED"
+    reasons = []
+    for run in killed:
+        again = client.get_run(run.info.run_id)
+        assert again.info.status == "FAILED", run.data.tags.get("mlflow.runName")
+        reasons.append(again.data.tags["charlm.error"])
+    assert all(r.startswith("the pipeline died: its ") for r in reasons)
+    assert any(f"its process {proc.pid} on " in r for r in reasons)  # how the first was found out
+    with get_client(sync_client=True) as prefect:
+        assert not prefect.read_flow_run(flow_run_id).state.is_running()  # Crashed, no longer Running

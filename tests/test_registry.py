@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import mlflow
@@ -49,13 +50,20 @@ def candidates(server):
     out = server["work"] / "ckpt"
     Trainer(config, prepare_for(config, generated_text()), checkpoint_dir=out).fit()
     exp = mlflow.set_experiment("registry-test")
+    client = MlflowClient(server["url"])
+    run_id = client.create_run(exp.experiment_id).info.run_id
     result = {}
-    with mlflow.start_run(experiment_id=exp.experiment_id) as run:
-        for label, loss in [("first", 1.0), ("worse", 1.2), ("better", 0.8)]:
-            info = log_checkpoint_model(out / "best.pt", f"cand-{label}", tags={"charlm.kind": "best"})
-            result[label] = registry.Candidate(
-                model_id=info.model_id, architecture="stateful_gru", kind="best", val_loss=loss, run_id=run.info.run_id
-            )
+    for label, loss in [("first", 1.0), ("worse", 1.2), ("better", 0.8), ("twin", 0.7), ("new-a", 0.9), ("new-b", 0.9)]:
+        model_id = log_checkpoint_model(out / "best.pt", f"cand-{label}", run_id=run_id, tags={"charlm.kind": "best"})
+        result[label] = registry.Candidate(
+            model_id=model_id,
+            architecture="stateful_gru",
+            kind="best",
+            val_loss=loss,
+            run_id=run_id,
+            fingerprint=f"fp-{label}" if label != "twin" else "fp-better",  # twin: what a rerun of "better" logs
+        )
+    assert client.get_run(run_id).info.status == "RUNNING"  # logging models never ended the run
     return result
 
 
@@ -81,7 +89,7 @@ def test_champion_challenger_previous_and_rollback(server, candidates):
     assert first.promoted and first.reason == "no champion yet"
     assert {k: version_of(v) for k, v in aliases(client).items()} == {
         "champion": first.version,
-        "challenger": first.version,
+        "challenger": None,  # a challenger is a version that lost; the champion is never one
         "previous": None,
     }
 
@@ -96,9 +104,17 @@ def test_champion_challenger_previous_and_rollback(server, candidates):
     assert better.promoted and "beats champion" in better.reason
     assert {k: version_of(v) for k, v in aliases(client).items()} == {
         "champion": better.version,
-        "challenger": better.version,
+        "challenger": None,  # "worse" lost to the old champion: no longer a challenger of this one
         "previous": first.version,
     }
+    # The same candidate again, or a rerun's model with the same fingerprint: no new version.
+    count = len(client.search_model_versions(f"name = '{NAME}'"))
+    for again in (candidates["better"], candidates["twin"]):
+        same = registry.promote(again, corpus_sha256="aaa", model_name=NAME)
+        assert (same.registered, same.promoted, same.version) == (False, False, better.version)
+        assert f"identical to v{better.version}" in same.reason
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == count
+    assert version_of(aliases(client)["champion"]) == better.version
 
     back = registry.rollback(NAME)
     assert back.version == first.version
@@ -118,16 +134,42 @@ def test_a_champion_from_another_corpus_is_re_evaluated(server, candidates):
         seen.append(version.version)
         return 0.5  # the champion does well on the new data
 
-    decision = registry.promote(candidates["better"], corpus_sha256="bbb", model_name=NAME, reevaluate=reevaluate)
+    decision = registry.promote(candidates["new-a"], corpus_sha256="bbb", model_name=NAME, reevaluate=reevaluate)
     assert seen and not decision.promoted and "re-evaluated on corpus bbb" in decision.reason
     with pytest.raises(ValueError, match="trained on another corpus"):
-        registry.promote(candidates["better"], corpus_sha256="ccc", model_name=NAME)
+        registry.promote(candidates["new-b"], corpus_sha256="ccc", model_name=NAME)
+
+
+def test_the_registered_version_is_linked_from_its_logged_model_and_has_a_signature(server, served):
+    client = MlflowClient(server["url"])
+    champion = client.get_model_version_by_alias(served, "champion")
+    logged = mlflow.get_logged_model(champion.tags["charlm.model_id"])
+    assert served in logged.tags.get("mlflow.modelVersions", "")  # the model's page says "Registered"
+    info = mlflow.models.get_model_info(f"models:/{served}@champion")
+    inputs = info.signature.inputs.to_dict()
+    assert "prime" in json.dumps(inputs) and "length" in json.dumps(inputs)
+    assert info.saved_input_example_info is not None
+
+
+def test_a_comparison_never_ranks_losses_of_two_tasks():
+    def candidate(arch, loss, task):
+        return registry.Candidate(model_id=arch, architecture=arch, kind="best", val_loss=loss, run_id="r", task=task)
+
+    cased, lower = "case-sensitive, min_freq 1, last 20% validation", "lowercased, min_freq 3, last 20% validation"
+    candidates = [candidate("char3", 1.1, cased), candidate("lstm", 1.25, lower), candidate("gru", 1.3, lower)]
+    # No champion: the task most candidates share, not the lowest loss of another vocabulary.
+    task, ranked = registry.comparable(candidates, None)
+    assert task == lower and [c.architecture for c in ranked] == ["lstm", "gru"]
+    from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+
+    champion = ModelVersion("m", "1", 0, tags=[ModelVersionTag("charlm.task", cased)])
+    assert registry.comparable(candidates, champion) == (cased, [candidates[0]])
 
 
 def test_pyfunc_loads_in_a_fresh_process_and_the_cli_generates(server, served):
     code = (
         "import mlflow; m = mlflow.pyfunc.load_model('models:/%s@champion'); "
-        "print(m.predict({'prime': ['the '], 'length': [25], 'seed': [3]})[0])" % served
+        "print(m.predict([{'prime': 'the ', 'length': 25, 'seed': 3}])[0])" % served
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"]}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -187,7 +229,7 @@ def test_mlflow_models_serve_answers_http(server, served):
     )
     try:
         deadline = time.monotonic() + 120
-        body = json.dumps({"dataframe_records": [{"prime": "the spirit ", "length": 30, "seed": 1}]}).encode()
+        body = json.dumps({"inputs": [{"prime": "the spirit ", "length": 30, "seed": 1}]}).encode()
         while True:
             try:
                 request = urllib.request.Request(
@@ -196,6 +238,8 @@ def test_mlflow_models_serve_answers_http(server, served):
                 with urllib.request.urlopen(request, timeout=10) as response:
                     answer = json.loads(response.read())
                 break
+            except urllib.error.HTTPError as err:
+                raise AssertionError(f"mlflow models serve: {err}: {err.read()[:2000]!r}") from None
             except OSError as err:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise AssertionError(f"mlflow models serve: {err}\n{log_path.read_text()[-3000:]}") from None

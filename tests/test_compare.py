@@ -1,0 +1,56 @@
+"""The comparison ranks like with like: losses of two tasks are never ranked against each other."""
+
+from __future__ import annotations
+
+from charlm import compare
+from charlm.job import TrainResult
+
+LOWER, CASED = "lowercased, min_freq 3, last 20% validation", "case-sensitive, min_freq 1, last 20% validation"
+
+
+def result(arch: str, loss: float, task: str, vocab: int) -> TrainResult:
+    history = [{"val_loss": loss + 0.5, "chars_per_sec": 1000.0}, {"val_loss": loss, "chars_per_sec": 3000.0}]
+    return TrainResult(
+        architecture=arch,
+        history=history,
+        best_val_loss=loss,
+        best_epoch=2,
+        steps=10,
+        parameters=1000,
+        wall_time_s=12.345678,
+        task=task,
+        vocab_size=vocab,
+        valid_chars=120_179,
+    )
+
+
+RESULTS = [result("char3", 1.10, CASED, 84), result("gru", 1.37, LOWER, 58), result("lstm", 1.25, LOWER, 58)]
+
+
+def test_the_primary_task_is_the_champions_or_the_one_most_share():
+    assert compare.primary_task(RESULTS) == LOWER  # not char3's lower loss on another vocabulary
+    assert compare.primary_task(RESULTS, champion_task=CASED) == CASED
+    assert compare.primary_task(RESULTS, champion_task="a task nobody trained on") == LOWER
+
+
+def test_the_table_ranks_within_each_task_primary_first():
+    table = compare.comparison_table(RESULTS)
+    assert list(zip(table["architecture"], table["rank"], table["task"])) == [
+        ("lstm", 1, LOWER),
+        ("gru", 2, LOWER),
+        ("char3", 1, CASED),  # ranked among its own task only
+    ]
+    assert list(table["vocab_size"]) == [58, 58, 84] and set(table["valid_chars"]) == {120_179}
+    assert compare.rounded(table)["wall_time_s"].tolist() == [12.3, 12.3, 12.3]
+    assert table["best_val_loss"].tolist() == [1.25, 1.37, 1.10]  # full precision kept for metrics
+
+
+def test_the_description_has_one_table_per_task():
+    text = compare.markdown(compare.comparison_table(RESULTS))
+    assert text.index(f"*{LOWER}* — vocabulary 58, 120,179 validation characters") < text.index(f"*{CASED}*")
+    assert "| 1 | lstm | 1.25 |" in text and "| 2 | gru | 1.37 |" in text and "| 1 | char3 | 1.1 |" in text
+
+
+def test_the_plot_is_written(tmp_path):
+    path = compare.plot_validation_curves(RESULTS, tmp_path / "curves.png", "s3://corpora/x.txt, preset tiny")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
