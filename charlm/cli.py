@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +23,36 @@ CORPUS_ENV = "CHARLM_CORPUS"
 
 
 class CliError(Exception):
-    pass
+    """A usage error: bad or conflicting options (exit code 2)."""
+
+
+class SourceError(Exception):
+    """An input named on the command line cannot be used at run time (exit code 1)."""
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _corpus_path(value: str | None) -> str:
@@ -48,7 +80,7 @@ def cmd_architectures(args: argparse.Namespace) -> None:
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     from charlm.config import preset
 
-    config = preset(args.preset, args.arch)
+    config = preset(args.preset or "notebook", args.arch or "stateful_gru")
     overrides = list(args.set or [])
     if getattr(args, "device", None):
         overrides.append(f"device={args.device}")
@@ -102,7 +134,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         from charlm.checkpoint import load_checkpoint
         from charlm.config import RunConfig
 
+        clash = [f for f, v in (("--arch", args.arch), ("--preset", args.preset), ("--set", args.set)) if v]
+        clash += ["--seed"] if args.seed is not None else []
+        if clash:
+            raise CliError(
+                f"--resume continues {args.resume} as it was configured: drop {', '.join(clash)} "
+                "(start a new run with another --out to change them)"
+            )
         config = RunConfig.model_validate(load_checkpoint(args.resume)["config"])
+        if args.device:
+            config = config.override({"device": args.device})
+            print(f"resuming on device {args.device}", file=sys.stderr)
     else:
         config = _config_from_args(args)
     job = TrainJob(
@@ -111,6 +153,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         checkpoint_dir=str(out),
         resume=args.resume,
         max_steps=args.max_steps,
+        overwrite=args.overwrite,
     )
     result = run_job(job, callbacks=[] if args.quiet else [_EpochPrinter().callback])
     if result.stopped_early:
@@ -143,9 +186,17 @@ def _load_model(args: argparse.Namespace) -> LoadedModel:
         raise CliError("give either --checkpoint PATH or --model MODEL_URI")
     if args.checkpoint:
         return LoadedModel.from_checkpoint(args.checkpoint, device=args.device or "auto")
-    from charlm.tracking import load_registered
+    from charlm.tracking import check_tracking_server, load_registered
 
-    return load_registered(args.model)
+    if args.model.startswith(("models:/", "runs:/")):
+        check_tracking_server(timeout=5.0)  # an unreachable server fails in seconds, naming it
+    try:
+        return load_registered(args.model)
+    except Exception as err:  # MLflow's errors for a missing model, version, alias or run
+        if type(err).__name__ not in ("MlflowException", "RestException", "OSError", "FileNotFoundError"):
+            raise
+        first = str(getattr(err, "message", err)).strip().splitlines()[0]
+        raise SourceError(f"{args.model}: {first}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -154,10 +205,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.next_char:
         print(loaded.next_char(args.prime, on_unknown=on_unknown))
         return
-    text = loaded.generate(
+    stream = loaded.stream(
         args.prime, args.length, temperature=args.temperature, top_k=args.top_k, seed=args.seed, on_unknown=on_unknown
     )
-    print(args.prime + text)
+    written = 0
+    sys.stdout.write(args.prime)
+    try:  # characters appear as they are generated; Ctrl-C keeps what was written
+        for char in stream:
+            sys.stdout.write(char)
+            written += 1
+            if char == "\n" or written % 64 == 0:
+                sys.stdout.flush()
+    finally:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
@@ -228,22 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     def add_model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--arch",
-            default="stateful_gru",
             choices=list(ARCHITECTURES),
             metavar="ARCH",
-            help="architecture (see 'charlm architectures'; default: %(default)s)",
+            help="architecture (see 'charlm architectures'; default: stateful_gru)",
         )
         p.add_argument(
             "--preset",
-            default="notebook",
             choices=list(PRESETS),
-            help="the notebook's settings, or tiny: seconds on a CPU (default: %(default)s)",
+            help="the notebook's settings, or tiny: seconds on a CPU (default: notebook)",
         )
         p.add_argument(
             "--set",
             action="append",
             metavar="KEY=VALUE",
-            help="override a config field, e.g. --set model.hidden_size=128 --set data.batch_size=32",
+            help="override a config field, e.g. --set model.hidden_size=128 --set schedule.0.lr=3e-3",
         )
 
     p = sub.add_parser("architectures", help="list the architectures")
@@ -259,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/latest", help="checkpoint directory (default: %(default)s)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--seed", type=int, help="random seed (default: the preset's)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (and save last.pt)")
+    p.add_argument("--max-steps", type=_count(1), help="stop after this many optimizer steps (and save last.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints in --out")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from a checkpoint")
     p.add_argument("--json", action="store_true", help="print the result and per-epoch history as JSON")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -274,20 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="UTF-8 text file (its validation split is used)")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=_count(1),
         help="evaluation batch (for stateful models: the number of columns, each starting from a zero "
         "state; default: the training batch size, as the notebook did)",
     )
-    p.add_argument("--context", type=int, help="evaluation sequence length (sequence/stream layouts)")
+    p.add_argument("--context", type=_count(1), help="evaluation sequence length (sequence/stream layouts)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="sample text from a trained model")
     add_model_source(p)
     p.add_argument("--prime", required=True, help="priming text")
-    p.add_argument("-n", "--length", type=int, default=400, help="characters to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely characters")
+    p.add_argument("-n", "--length", type=_count(0), default=400, help="characters to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=_temperature, default=1.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=_count(1), help="sample among the k most likely characters")
     p.add_argument("--seed", type=int, help="make the sample reproducible")
     p.add_argument("--next-char", action="store_true", help="print only the most likely next character")
     p.add_argument(
@@ -334,24 +394,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def describe_error(err: BaseException, args: argparse.Namespace | None = None) -> tuple[int, str] | None:
+    """``(exit code, one line)`` for an error a user can cause and fix — 2 for usage (options,
+    configuration), 1 for what went wrong at run time — or None for a bug (shown in full)."""
     from pydantic import ValidationError
 
     from charlm.checkpoint import CheckpointError
     from charlm.data import CorpusError
+    from charlm.device import DeviceError
+    from charlm.job import CheckpointDirError
 
-    args = build_parser().parse_args(argv)
+    if isinstance(err, ValidationError):
+        parts = [(".".join(map(str, e["loc"])), str(e["msg"]).removeprefix("Value error, ")) for e in err.errors()]
+        return 2, "; ".join(f"{where}: {message}" if where else message for where, message in parts)
+    if isinstance(err, CliError):
+        return 2, str(err)
+    if isinstance(err, CorpusError | CheckpointError | CheckpointDirError | DeviceError | SourceError):
+        return 1, str(err)
+    if isinstance(err, MemoryError | RuntimeError) and _out_of_memory(err):
+        return 1, _memory_message(err, args)
+    if type(err).__name__ in ("TrackingUnavailable", "MlflowException", "RestException"):
+        first = str(getattr(err, "message", err)).strip().splitlines()[0]
+        return 1, f"MLflow: {first}"
+    if isinstance(err, ValueError):
+        return 2, str(err).strip().splitlines()[0]
+    return None
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _memory_message(err: BaseException, args: argparse.Namespace | None) -> str:
+    wanted = re.search(r"allocate (\d+) bytes", str(err))
+    size = f" ({int(wanted.group(1)) / 2**30:.1f} GiB in one allocation)" if wanted else ""
+    settings = ", ".join(getattr(args, "set", None) or []) or "the preset's model sizes"
+    return f"out of memory{size} with {settings}: choose smaller model.hidden_size / data.batch_size"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # usage errors: argparse's one line, exit 2
     try:
         args.func(args)
-    except (CliError, CorpusError, CheckpointError) as err:
-        print(f"charlm: error: {err}", file=sys.stderr)
-        return 2
-    except ValidationError as err:
-        print(f"charlm: invalid configuration:\n{err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(f"charlm: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("charlm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        described = describe_error(err, args)
+        if described is None:
+            raise
+        code, message = described
+        print(f"charlm: error: {message}", file=sys.stderr)
+        return code
     return 0
 
 

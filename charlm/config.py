@@ -150,13 +150,17 @@ class RunConfig(_Strict):
         if isinstance(assignments, list):
             assignments = self.parse_overrides(assignments)
         data = self.model_dump()
+        data["schedule"] = list(data["schedule"])
         for key, value in assignments.items():
             *path, leaf = key.split(".")
-            node = data
-            for part in path:
-                if not isinstance(node, dict) or part not in node:
+            node: Any = data
+            for part in path:  # a schedule phase by its index: schedule.0.lr
+                if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                    node = node[int(part)]
+                elif isinstance(node, dict) and part in node:
+                    node = node[part]
+                else:
                     raise ValueError(f"override {key!r}: no such config section {part!r}")
-                node = node[part]
             if not isinstance(node, dict) or leaf not in node:
                 raise ValueError(f"override {key!r}: no such config field {leaf!r}")
             node[leaf] = value

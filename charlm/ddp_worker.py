@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -53,6 +54,7 @@ class WorkerSpec(BaseModel):
 def run(spec_json: str) -> TrainResult | None:
     """One rank's work; returns the result on rank 0 (None elsewhere)."""
     spec = WorkerSpec.model_validate_json(spec_json)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")  # epoch lines
     launcher_rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -31,6 +31,7 @@ from charlm.distributed import DistributedConfig, launch_training
 from charlm.job import TrackingTarget, TrainJob, TrainResult, run_job
 from charlm.prepared import CorpusRef
 from charlm.provenance import source_tags
+from charlm.training import Callback
 
 ENTRY_POINT = "flows/pipeline.py"
 
@@ -149,10 +150,12 @@ def train_in_child_run(
     distributed: DistributedConfig | None = None,
     devices: list[int] | None = None,
     tags: dict[str, str] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Run ``job`` in a new child run of ``parent_run_id``; see the module docstring.
 
-    ``distributed`` makes it a DDP job on ``devices`` (GPU indices; None on CPU).
+    ``distributed`` makes it a DDP job on ``devices`` (GPU indices; None on CPU); ``callbacks``
+    (in this process only) go to the trainer.
     """
     client = MlflowClient()
     arch, corpus = job.architecture, job.data.corpus
@@ -178,7 +181,10 @@ def train_in_child_run(
         for name in ("vocab.json", "stats.json"):
             client.log_artifact(run_id, str(Path(job.data.dir) / name), artifact_path="data")
         started = time.perf_counter()
-        result = run_job(job) if distributed is None else launch_training(job, dist=distributed, devices=devices)
+        if distributed is None:
+            result = run_job(job, callbacks=callbacks)
+        else:
+            result = launch_training(job, dist=distributed, devices=devices)
         wall = time.perf_counter() - started
     except BaseException as err:
         end_run(run_id, err)

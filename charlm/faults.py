@@ -2,7 +2,8 @@
 
 ``CHARLM_FAULT_INJECT="rank=R,step=S[,mode=exit|raise]"``: rank R exits (as a killed
 worker would) or raises at step S, on the first attempt only — a restarted worker group
-then runs through.
+then runs through. ``checkpoint=KIND`` in place of ``step=S``: right after the first
+checkpoint of that kind (``best``, ``cycle-0``, ``last``) is written.
 
 ``CHARLM_TEST_BARRIER="DIR:N"``: each job's main rank, before its first step, leaves a
 file in DIR and waits until N jobs have done so — a test's proof that N jobs really
@@ -30,20 +31,31 @@ class FaultInjector(Callback):
     def __init__(self, spec: str, rank: int, restart_count: int) -> None:
         try:
             fields = dict(part.split("=") for part in spec.split(","))
-            self.rank, self.step = int(fields.get("rank", 0)), int(fields["step"])
+            self.rank = int(fields.get("rank", 0))
+            self.step = int(fields["step"]) if "step" in fields else None
+            self.checkpoint = fields.get("checkpoint")
             self.mode = fields.get("mode", "exit")
-            if self.mode not in ("exit", "raise"):
-                raise ValueError(self.mode)
+            if self.mode not in ("exit", "raise") or (self.step is None) == (self.checkpoint is None):
+                raise ValueError("give step=S or checkpoint=KIND, and mode exit or raise")
         except (ValueError, KeyError) as err:
-            raise ValueError(f"{FAULT_ENV}={spec!r}: expected rank=R,step=S[,mode=exit|raise] ({err})") from None
+            raise ValueError(
+                f"{FAULT_ENV}={spec!r}: expected rank=R,step=S|checkpoint=KIND[,mode=exit|raise] ({err})"
+            ) from None
         self.armed = restart_count == 0 and rank == self.rank
 
     def on_step_end(self, trainer: Trainer, step: int, loss: float, lr: float) -> None:
-        if self.armed and step >= self.step:
-            if self.mode == "raise":
-                raise RuntimeError(f"[charlm fault injection] rank {self.rank} raised at step {step}")
-            print(f"[charlm fault injection] rank {self.rank} exits at step {step}", flush=True)
-            os._exit(17)
+        if self.armed and self.step is not None and step >= self.step:
+            self._fail(f"at step {step}")
+
+    def on_checkpoint(self, trainer: Trainer, kind: str, path: Path, metrics: dict[str, float]) -> None:
+        if self.armed and kind == self.checkpoint:
+            self._fail(f"after writing {path.name}")
+
+    def _fail(self, where: str) -> None:
+        if self.mode == "raise":
+            raise RuntimeError(f"[charlm fault injection] rank {self.rank} raised {where}")
+        print(f"[charlm fault injection] rank {self.rank} exits {where}", flush=True)
+        os._exit(17)
 
 
 class Barrier(Callback):

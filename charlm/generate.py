@@ -7,13 +7,15 @@ character at a time. Padding and the unknown index are never sampled.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from charlm.checkpoint import load_checkpoint
+from charlm.checkpoint import CheckpointError, load_checkpoint
 from charlm.config import RunConfig
 from charlm.data import PAD_INDEX, UNK_INDEX, CorpusError, Vocabulary
 from charlm.device import resolve_device
@@ -42,7 +44,12 @@ class LoadedModel:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device = "auto") -> LoadedModel:
         device = resolve_device(str(device))
-        return cls.from_payload(load_checkpoint(path, map_location=device), device)
+        payload = load_checkpoint(path, map_location=device)
+        try:
+            return cls.from_payload(payload, device)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:  # a readable file with the wrong contents
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{path}: its contents do not make a charlm model: {first}") from None
 
     def evaluate_text(self, text: str, *, batch_size: int | None = None, context: int | None = None) -> dict[str, Any]:
         """Validation metrics on the validation split of ``text`` (this model's split fraction and
@@ -115,10 +122,26 @@ class LoadedModel:
         ``seed`` makes the sample reproducible. ``on_unknown='error'`` rejects a priming
         text with characters outside the vocabulary; ``'unk'`` feeds them as unknown.
         """
+        return "".join(
+            self.stream(prime, length, temperature=temperature, top_k=top_k, seed=seed, on_unknown=on_unknown)
+        )
+
+    def stream(
+        self,
+        prime: str,
+        length: int = 400,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        on_unknown: str = "error",
+    ) -> Iterator[str]:
+        """:meth:`generate`, one character at a time as each is sampled (the options are checked
+        before the first)."""
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         generator = torch.Generator(device="cpu")
@@ -127,7 +150,14 @@ class LoadedModel:
         else:
             generator.seed()
         history = self._encode_prime(prime, on_unknown)
-        fresh, state, out = list(history), None, []
+        return self._sample(history, length, temperature, top_k, generator)
+
+    @torch.no_grad()
+    def _sample(
+        self, history: list[int], length: int, temperature: float, top_k: int | None, generator: torch.Generator
+    ) -> Iterator[str]:
+        fresh: list[int] = list(history)
+        state: State = None
         for _ in range(length):
             logits, state = self._next_logits(history, fresh, state)
             if temperature == 0:
@@ -141,5 +171,4 @@ class LoadedModel:
                 token = int(torch.multinomial(probs, 1, generator=generator))
             history.append(token)
             fresh = [token]
-            out.append(token)
-        return self.vocab.decode(out)
+            yield self.vocab.decode([token])

@@ -15,6 +15,7 @@ of the driver's.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from charlm import faults, prepared
-from charlm.checkpoint import load_checkpoint
+from charlm.checkpoint import CheckpointError, load_checkpoint, remove_partial_writes
 from charlm.config import RunConfig
 from charlm.prepared import PreparedRef, PrepSettings
 from charlm.provenance import fingerprint
-from charlm.training import Callback, DistInfo, FitResult, Trainer, bits_per_char
+from charlm.training import Callback, DistInfo, EpochLogger, FitResult, Trainer, bits_per_char
 
 RESUME_LAST = "last"  # TrainJob.resume: continue from checkpoint_dir/last.pt when there is one
 
@@ -51,6 +52,8 @@ class TrainJob(BaseModel):
         None, description=f"a checkpoint to continue from, or {RESUME_LAST!r}: checkpoint_dir/last.pt if it exists"
     )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (saving last.pt)")
+    overwrite: bool = Field(False, description="replace another run's checkpoints in checkpoint_dir")
+    log_epochs: bool = Field(False, description="one line per epoch on the charlm.progress logger")
 
     @property
     def architecture(self) -> str:
@@ -146,9 +149,50 @@ class TrainResult(BaseModel):
         return self.checkpoints.get("best")
 
 
+class CheckpointDirError(ValueError):
+    """The checkpoint directory cannot be used as asked; the message names it."""
+
+
+def claim_checkpoint_dir(job: TrainJob) -> TrainJob:
+    """Make ``job.checkpoint_dir`` ready before any training: created (or an error naming it), the
+    debris of interrupted writes removed, and never another run's checkpoints replaced silently.
+    A directory holding this same run (same corpus, configuration and code) is resumed from its
+    ``last.pt``; another run's needs ``overwrite``. Returns the job, set to resume when it should."""
+    if job.checkpoint_dir is None:
+        return job
+    directory = Path(job.checkpoint_dir)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointDirError(f"{directory}: is a file, not a checkpoint directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointDirError(f"{directory}: cannot create the checkpoint directory ({err.strerror})") from None
+    if not os.access(directory, os.W_OK):
+        raise CheckpointDirError(f"{directory}: the checkpoint directory is not writable")
+    remove_partial_writes(directory)
+    existing = sorted(directory.glob("*.pt"))
+    if not existing or job.resume is not None or job.overwrite:
+        return job
+    last = directory / "last.pt"
+    arch, same = "unreadable", False
+    try:
+        held = RunConfig.model_validate(load_checkpoint(last if last.is_file() else existing[0])["config"])
+        arch, same = held.architecture, config_fingerprint(job.data.corpus.sha256, held) == job.fingerprint()
+    except (CheckpointError, ValueError):
+        pass
+    if same and last.is_file():
+        return job.model_copy(update={"resume": str(last)})
+    raise CheckpointDirError(
+        f"{directory}: holds the checkpoints of another run ({arch}, {len(existing)} files): "
+        "choose another --out, or pass --overwrite to replace them"
+    )
+
+
 def run_job(job: TrainJob, dist: DistInfo | None = None, *, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train ``job`` in this process — the whole job, or this rank's part of a DDP job."""
     dist = dist or DistInfo()
+    if dist.is_main:
+        job = claim_checkpoint_dir(job)
     resume = job.resume_path() if dist.is_main else None
     local = (prepared.load(job.data.dir), load_checkpoint(resume) if resume else None) if dist.is_main else None
     shared = dist.share(local)
@@ -161,6 +205,8 @@ def run_job(job: TrainJob, dist: DistInfo | None = None, *, callbacks: Sequence[
 
         tracker = MLflowTracker.for_job(job.tracking.tracking_uri, job.tracking.run_id, dist, job.model_tags())
         hooks.append(tracker)
+    if job.log_epochs and dist.is_main:
+        hooks.append(EpochLogger())
     hooks += faults.from_env(dist)
     trainer = Trainer(
         job.config,
@@ -171,12 +217,20 @@ def run_job(job: TrainJob, dist: DistInfo | None = None, *, callbacks: Sequence[
         dist=dist,
     )
     if payload is not None:
-        trainer.load_state_dict(payload)
+        try:
+            trainer.load_state_dict(payload)
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{resume or 'checkpoint'}: cannot resume from it: {_first_line(err)}") from None
     fit = trainer.fit(max_steps=job.max_steps)
     if fit.stopped_early:
         trainer.checkpoint()  # last.pt where the run stopped, to resume from
         fit.checkpoints.update(trainer.checkpoints)
     return _result(job, fit, trainer, tracker)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _result(job: TrainJob, fit: FitResult, trainer: Trainer, tracker: Any) -> TrainResult:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -55,6 +56,26 @@ def _digest(uri: str, raw: bytes, etag: str | None) -> FetchedCorpus:
     )
 
 
+def check_uri(uri: str) -> None:
+    """Refuse, before any work, a URI that cannot name a corpus: an unsupported scheme, an S3 URI
+    without a bucket and a key, a local path that does not exist or is a directory."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc or not parsed.path.lstrip("/"):
+            raise CorpusFetchError(f"{uri}: expected s3://bucket/key")
+    elif parsed.scheme in ("http", "https"):
+        if not parsed.netloc:
+            raise CorpusFetchError(f"{uri}: expected {parsed.scheme}://host/path")
+    elif parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme == "file" else uri)
+        if path.is_dir():
+            raise CorpusFetchError(f"{uri}: is a directory, expected a UTF-8 text file")
+        if not path.exists():
+            raise CorpusFetchError(f"{uri}: no such corpus file")
+    else:
+        raise CorpusFetchError(f"{uri}: unsupported scheme {parsed.scheme!r} (use s3://, https://, file:// or a path)")
+
+
 def fetch_corpus(
     uri: str = DEFAULT_CORPUS_URI,
     *,
@@ -66,9 +87,9 @@ def fetch_corpus(
 ) -> FetchedCorpus:
     """Download and decode the corpus at ``uri``; see the module docstring."""
     parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        check_uri(uri)
     if parsed.scheme == "s3":
-        if not parsed.netloc or not parsed.path.lstrip("/"):
-            raise CorpusFetchError(f"{uri}: expected s3://bucket/key")
         return _fetch_s3(
             uri,
             parsed.netloc,

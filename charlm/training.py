@@ -8,6 +8,7 @@ libraries: MLflow, progress reporting and snapshots plug in through
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -121,6 +122,50 @@ class FitResult:
     @property
     def final(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
+
+
+class EpochLogger(Callback):
+    """One line per epoch on the ``charlm.progress`` logger: the console of a long run (the
+    pipeline routes it to Prefect's logs) — epoch, losses, speed and the time left."""
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger("charlm.progress")
+        self._started = 0.0
+        self._first_epoch = 0
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self._started, self._first_epoch = time.perf_counter(), trainer.epoch
+        self.log.info(
+            "%s: %s parameters on %s, %d epochs%s",
+            trainer.config.architecture,
+            f"{trainer.parameters:,}",
+            trainer.device,
+            trainer.schedule.total_epochs,
+            f", resuming at epoch {trainer.epoch + 1}" if trainer.step else "",
+        )
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        total = trainer.schedule.total_epochs
+        done = epoch + 1 - self._first_epoch
+        left = (time.perf_counter() - self._started) / max(done, 1) * (total - epoch - 1)
+        self.log.info(
+            "%s: epoch %d/%d  train %.4f  val %.4f (%.3f bits/char)  %s chars/s  ETA %s",
+            trainer.config.architecture,
+            epoch + 1,
+            total,
+            metrics["train_loss"],
+            metrics["val_loss"],
+            metrics["val_bpc"],
+            f"{metrics['chars_per_sec']:,.0f}",
+            _duration(left),
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 class _ProgressBar(Callback):
@@ -355,12 +400,15 @@ class Trainer:
         if improved:
             self.best_val_loss, self.best_epoch = metrics["val_loss"], epoch + 1
         self._call("on_epoch_end", epoch, metrics)
-        self._write("last", metrics)
+        # last.pt is the resume point, so it is written after the files it vouches for: a run killed in
+        # between resumes from the previous last.pt, trains this epoch again and writes them again.
         if improved:
             self._write("best", metrics)
         cycle = self.schedule.cycle_ending_at(epoch)
         if cycle is not None:
             self._write(f"cycle-{cycle}", metrics)
+        self._write("last", metrics)
+        if cycle is not None:
             self._call("on_cycle_end", cycle, metrics)
 
     # ------------------------------------------------------------------ checkpoints
@@ -446,6 +494,7 @@ class Trainer:
 __all__ = [
     "Callback",
     "DistInfo",
+    "EpochLogger",
     "FitResult",
     "Trainer",
     "bits_per_char",

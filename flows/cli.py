@@ -10,7 +10,9 @@ three architectures.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -19,7 +21,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from charlm.cli import describe_error
 from charlm.distributed import DistributedConfig
+from charlm.tracking import TrackingUnavailable, check_tracking_server
 from flows.params import QUICK_ARCHITECTURES, PipelineParams, RunnerOptions
 
 DESCRIPTION = """The nightly pipeline: fetch → prepare → train every architecture → compare → promote.
@@ -132,9 +136,39 @@ def parse(argv: list[str] | None = None) -> tuple[PipelineParams, RunnerOptions]
     return params, runner
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task's and flow's exception with its traceback, three times over; for an
+    error in the user's input (a missing corpus, an unreachable server) one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and describe_error(record.exc_info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def main(flow: Callable[..., Any], argv: list[str] | None = None) -> Any:
+    """Run the flow from the command line: a user's error ends it with one line, the last, and exit
+    code 2 (options) or 1 (at run time); anything else is a bug and shows its traceback."""
     from flows.runners import make_task_runner
 
-    params, runner = parse(argv)
+    params, runner = parse(argv)  # bad options: one line, exit 2, before Prefect starts
+    try:
+        check_tracking_server(timeout=5.0)  # an unreachable MLflow server: seconds, not Prefect's start-up
+    except TrackingUnavailable as err:
+        print(f"python -m flows.pipeline: error: {err}", file=sys.stderr)
+        sys.exit(1)
     task_runner = make_task_runner(runner.task_runner, runner.task_runner_address, params.concurrency)
-    return flow.with_options(task_runner=task_runner)(params)  # type: ignore[attr-defined]
+    quiet = _UserErrorsWithoutTraceback()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        return flow.with_options(task_runner=task_runner)(params)  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        print("python -m flows.pipeline: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        described = describe_error(err)
+        if described is None:
+            raise
+        print(f"python -m flows.pipeline: error: {described[1]}", file=sys.stderr)
+        sys.exit(1)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from charlm.config import RunConfig, preset
 from charlm.distributed import DistributedConfig
 from charlm.models import ARCHITECTURES
-from charlm.storage import DEFAULT_CORPUS_URI
+from charlm.storage import DEFAULT_CORPUS_URI, check_uri
 
 QUICK_ARCHITECTURES = ["char3", "stateful_gru", "stateful_lstm"]
 
@@ -60,6 +60,12 @@ class PipelineParams(BaseModel):
         "(without it, start them with 'charlm join')",
         env="CHARLM_NODE_DEPLOYMENT",
     )
+
+    @field_validator("corpus_uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        check_uri(value)  # syntax, and a local file's existence: seconds before Prefect would start
+        return value
 
     @field_validator("overrides", mode="before")
     @classmethod

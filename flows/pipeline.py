@@ -13,7 +13,9 @@ import os
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per logged model is console noise
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "charlm")  # the per-epoch lines, in the task's log
 
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,8 +40,10 @@ from charlm.storage import CorpusFetchError, fetch_corpus
 from charlm.tracking import check_tracking_server
 from flows.nodes import cancel_pending, start_joining_nodes
 from flows.params import PipelineParams
-from flows.report import format_summary, logger, promotion_markdown
+from flows.report import ProgressArtifact, format_summary, logger, promotion_markdown
 from flows.runners import gpu_request, run_queued
+
+logging.getLogger("charlm").setLevel(logging.INFO)  # the per-epoch lines of charlm.progress
 
 # --------------------------------------------------------------------------- tasks
 
@@ -94,7 +98,7 @@ def train(
         "tags": {"prefect.flow_run_id": str(flow_run.get_id())},  # a later pipeline can tell if it died
     }
     if distributed is None:
-        return train_in_child_run(job, **run)
+        return train_in_child_run(job, callbacks=[ProgressArtifact(job.architecture)], **run)
     nodes = start_joining_nodes(distributed, node_deployment, gpus_per_task) if distributed.nnodes > 1 else []
     try:
         if gpus_per_task and distributed.backend != "gloo" and uses_cuda(job.config.device):
@@ -209,7 +213,12 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
         client.log_param(parent_id, "architectures", ",".join(params.architectures))
         client.log_param(parent_id, "preset", params.preset_name)
         jobs = [
-            TrainJob(config=c, data=data[PrepSettings.of(c)], checkpoint_dir=str(output_dir / c.architecture))
+            TrainJob(
+                config=c,
+                data=data[PrepSettings.of(c)],
+                checkpoint_dir=str(output_dir / c.architecture),
+                log_epochs=True,
+            )
             for c in configs
         ]
 

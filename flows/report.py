@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
+
+from charlm.training import Callback, Trainer
 
 
 def logger() -> Any:
@@ -15,6 +18,27 @@ def logger() -> Any:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("charlm")
+
+
+class ProgressArtifact(Callback):
+    """A Prefect progress artifact per architecture task (``train-<architecture>``), moved at each epoch."""
+
+    def __init__(self, architecture: str) -> None:
+        self.key = "train-" + re.sub(r"[^a-z0-9]+", "-", architecture.lower())
+        self.artifact_id: Any = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        done = 100.0 * trainer.epoch / trainer.schedule.total_epochs
+        description = f"{trainer.config.architecture}: epochs done of {trainer.schedule.total_epochs}"
+        self.artifact_id = create_progress_artifact(done, key=self.key, description=description)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        if self.artifact_id is not None:
+            update_progress_artifact(self.artifact_id, 100.0 * (epoch + 1) / trainer.schedule.total_epochs)
 
 
 def promotion_markdown(decision: dict[str, Any]) -> str:

@@ -30,6 +30,9 @@ def test_the_pipeline_runs_on_ephemeral_prefect_and_local_sqlite_mlflow(tmp_path
     assert done.returncode == 0, done.stderr[-4000:]
     out = done.stdout + done.stderr
     assert "charlm pipeline finished" in out and "is the new champion" in out
+    for arch in ("char3", "stateful_gru"):  # one line per epoch per architecture, with its ETA
+        assert f"{arch}: epoch 3/3  train " in out and "ETA 0m00s" in out, out[-3000:]
+    assert "Task run 'train-char3'" in out  # task runs named by architecture
     noise = [line for line in out.splitlines() if "Warning" in line or "WARNING mlflow" in line]
     assert noise == [], "\n".join(noise)  # the console of a run shows no library warnings
     assert "Starting temporary server" in out  # Prefect's ephemeral mode, not a configured server

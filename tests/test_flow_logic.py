@@ -75,8 +75,8 @@ def test_the_command_line_builds_the_parameters(monkeypatch):
     assert (params.promote_best, params.promotion_margin) == (False, 0.01)
     assert params.distributed == DistributedConfig(nproc_per_node=2, max_restarts=2)
     assert runner.task_runner == "thread"
-    explicit, _ = parse(["--corpus-uri", "x.txt", "--arch", "char3", "--max-restarts", "0"])
-    assert explicit.corpus_uri == "x.txt" and explicit.architectures == ["char3"]
+    explicit, _ = parse(["--corpus-uri", "s3://b/x.txt", "--arch", "char3", "--max-restarts", "0"])
+    assert explicit.corpus_uri == "s3://b/x.txt" and explicit.architectures == ["char3"]
     assert explicit.distributed == DistributedConfig(max_restarts=0)  # a DDP flag alone turns DDP on
 
 
@@ -88,6 +88,9 @@ def test_the_command_line_builds_the_parameters(monkeypatch):
         (["--concurrency", "0"], "concurrency: Input should be greater than or equal to 1"),
         (["--set", "schedule"], "expected key=value"),
         (["--nnodes", "2"], "fixed host:port"),
+        (["--corpus-uri", "s3:/x"], "corpus_uri: s3:/x: expected s3://bucket/key"),
+        (["--corpus-uri", "no/such/corpus.txt"], "corpus_uri: no/such/corpus.txt: no such corpus file"),
+        (["--corpus-uri", "ftp://host/x"], "unsupported scheme 'ftp'"),
     ],
 )
 def test_bad_command_lines_fail_with_one_line(argv, message, capsys):

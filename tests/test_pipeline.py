@@ -536,3 +536,36 @@ def test_a_killed_pipeline_leaves_failed_runs_and_the_next_one_completes(stack, 
     assert any(f"its process {proc.pid} on " in r for r in reasons)  # how the first was found out
     with get_client(sync_client=True) as prefect:
         assert not prefect.read_flow_run(flow_run_id).state.is_running()  # Crashed, no longer Running
+
+
+def test_a_pipeline_whose_corpus_is_missing_ends_in_one_line(stack, tmp_path):
+    """An input error found at run time (here, by S3): the error once, as the last line, exit 1."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    command = [sys.executable, "-m", "flows.pipeline", "--corpus-uri", "s3://corpora/missing.txt"]
+    command += ["--s3-endpoint-url", stack["s3_url"], "--quick", "--experiment", "e2e-missing"]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert (
+        last
+        == "python -m flows.pipeline: error: s3://corpora/missing.txt: key 'missing.txt' not found in bucket 'corpora'"
+    )
+
+
+def test_each_training_task_shows_its_progress_in_prefect(stack, first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = ["train-char3", "train-stateful-gru", "train-stateful-lstm"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    assert {a.key for a in artifacts} == set(keys)
+    assert all(a.type == "progress" for a in artifacts)
+    assert {a.key: a.data for a in artifacts if a.data == 100.0}.keys() >= set(keys)  # every run reached the end

@@ -199,54 +199,63 @@ def test_pyfunc_loads_in_a_fresh_process_and_the_cli_generates(server, served):
     assert cli.stdout.startswith("for thos") and len(cli.stdout.strip()) >= 40
 
 
-def test_mlflow_models_serve_answers_http(server, served):
+def post(port: int, payload: object) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+BAD_REQUESTS = [
+    ({"prime": "the ", "length": 10_000_000}, "length", "less than or equal to 10000"),
+    ({"prime": 3}, "prime", "valid string"),
+    ({"prime": "the ", "temperature": -1}, "temperature", "greater than or equal to 0"),
+    ({"prime": "the ", "top_k": 0}, "top_k", "greater than or equal to 1"),
+    ({"prime": "the ", "seed": "x"}, "seed", "valid integer"),
+    ({"prime": "the ", "length": 5, "colour": "red"}, "colour", "Extra inputs are not permitted"),
+]
+
+
+def test_mlflow_models_serve_refuses_bad_requests_answers_good_ones_and_stops_on_sigterm(server, served):
     port = free_port()
     # `mlflow models serve` execs uvicorn from PATH: the environment's bin directory, as when it is activated.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "PATH": path}
     log_path = server["work"] / "serve.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{served}@champion",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{served}@champion"]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        body = json.dumps({"inputs": [{"prime": "the spirit ", "length": 30, "seed": 1}]}).encode()
         while True:
             try:
-                request = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
-                )
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    answer = json.loads(response.read())
-                break
-            except urllib.error.HTTPError as err:
-                raise AssertionError(f"mlflow models serve: {err}: {err.read()[:2000]!r}") from None
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
             except OSError as err:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise AssertionError(f"mlflow models serve: {err}\n{log_path.read_text()[-3000:]}") from None
                 time.sleep(1)
-        assert len(answer["predictions"][0]) == 30
+        for row, field, rule in BAD_REQUESTS:  # each refused with a 400 naming the field, no server internals
+            status, body = post(port, {"inputs": [row]})
+            assert status == 400, (row, body)
+            assert field in body["message"] and rule in body["message"], body["message"]
+            internals = ("Traceback", 'File "', "site-packages", "/charlm/")
+            assert "stack_trace" not in body and not any(x in body["message"] for x in internals), body
+        status, body = post(port, {"inputs": [{"prime": "the spirit ", "length": 30, "seed": 1}]})
+        assert status == 200 and len(body["predictions"][0]) == 30  # served right after the refusals
+        again = post(port, {"inputs": [{"prime": "the spirit ", "length": 30, "seed": 1}]})[1]
+        assert again == body  # the seed makes it reproducible
+        os.kill(proc.pid, 15)  # SIGTERM to the server process alone, as `docker stop` or systemd sends it
+        assert proc.wait(timeout=60) is not None
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-            proc.wait(timeout=20)
+            os.killpg(proc.pid, 9)
+            proc.wait()
         log.close()

@@ -105,15 +105,15 @@ def test_checkpoint_carries_everything_to_rebuild(small_text, tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_checkpoint({"value": torch.tensor([1.0])}, path)
+    save_checkpoint({"config": {}, "vocab": {}, "model": {"w": torch.tensor([1.0])}}, path)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint({"value": torch.tensor([2.0])}, path)
-    assert load_checkpoint(path)["value"].item() == 1.0
+        save_checkpoint({"config": {}, "vocab": {}, "model": {"w": torch.tensor([2.0])}}, path)
+    assert load_checkpoint(path)["model"]["w"].item() == 1.0
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 

@@ -1,0 +1,113 @@
+"""Candidates built from a run's SGDR snapshots, with no further training.
+
+The notebook saves a model at the end of every SGDR cycle; annealed snapshots are
+better together than alone (Huang et al. 2017, "Snapshot Ensembles: Train 1, get M
+for free"; Izmailov et al. 2018, stochastic weight averaging). Two ways to combine
+the last M snapshots:
+
+* :class:`SnapshotEnsemble` — the next-character distribution is the mean of the
+  members' probabilities; each member carries its own hidden state. M models' cost.
+* :func:`average_weights` — one model whose weights are the members' mean: the cost
+  of one model. None of charlm's architectures has normalisation statistics (batch
+  norm's running means) to recompute after averaging; an architecture that had them
+  would need a pass over the training data here.
+
+Both keep the forward contract of :mod:`charlm.models`, so training's evaluation,
+generation and the served pyfunc use them as they use a single model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from charlm.checkpoint import CheckpointError, load_checkpoint
+from charlm.models import CharModel, State
+
+Combine = Literal["ensemble", "average"]
+
+
+class SnapshotEnsemble(CharModel):
+    """The mean of the members' next-character probabilities, as log-probabilities (so the
+    cross-entropy of its output is the loss of the averaged distribution). Its state is the
+    tuple of the members' states."""
+
+    def __init__(self, members: Sequence[CharModel]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        layouts = {m.layout for m in members}
+        if len(layouts) != 1:
+            raise ValueError(f"ensemble members must share one batch layout, got {sorted(layouts)}")
+        self.members = nn.ModuleList(members)
+        self.layout = members[0].layout  # type: ignore[misc]  # an instance's, from its members
+        self.stateful = members[0].stateful  # type: ignore[misc]
+
+    def init_state(self, batch_size: int, device: torch.device) -> State:
+        return tuple(m.init_state(batch_size, device) for m in self._members())  # type: ignore[misc]
+
+    def carry_state(self, state: State, batch_size: int, device: torch.device) -> State:
+        states = state if isinstance(state, tuple) else (None,) * len(self.members)
+        return tuple(  # type: ignore[return-value]
+            m.carry_state(s, batch_size, device) for m, s in zip(self._members(), states, strict=True)
+        )
+
+    def forward(self, tokens: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
+        states = state if isinstance(state, tuple) else (None,) * len(self.members)
+        log_probs, new_states = [], []
+        for member, member_state in zip(self._members(), states, strict=True):
+            logits, new_state = member(tokens, member_state)
+            log_probs.append(torch.log_softmax(logits.float(), dim=-1))
+            new_states.append(new_state)
+        count = torch.tensor(float(len(log_probs)), device=tokens.device).log()
+        mixed = torch.logsumexp(torch.stack(log_probs), dim=0) - count  # log of the mean probability
+        return mixed, tuple(new_states)  # type: ignore[return-value]
+
+    def _members(self) -> list[CharModel]:
+        return list(self.members)  # type: ignore[arg-type]
+
+
+def average_weights(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts with the same keys (integer buffers: the first's)."""
+    if not states:
+        raise ValueError("nothing to average")
+    keys = list(states[0])
+    if any(list(s) != keys for s in states[1:]):
+        raise ValueError("state dicts of different models cannot be averaged")
+    out = {}
+    for key in keys:
+        first = states[0][key]
+        if first.is_floating_point():
+            out[key] = torch.stack([s[key].to(torch.float64) for s in states]).mean(0).to(first.dtype)
+        else:
+            out[key] = first.clone()
+    return out
+
+
+def snapshot_paths(directory: str | os.PathLike[str], last: int | None = None) -> list[Path]:
+    """A run's cycle snapshots (``cycle-K.pt``) in cycle order; the last ``last`` of them."""
+    found = sorted(Path(directory).glob("cycle-*.pt"), key=lambda p: int(p.stem.removeprefix("cycle-")))
+    if not found:
+        raise CheckpointError(f"{directory}: no SGDR snapshots (cycle-K.pt) in it")
+    return found[-last:] if last else found
+
+
+def combine_payloads(payloads: Sequence[dict[str, Any]], combine: Combine) -> dict[str, Any]:
+    """One checkpoint-like payload for ``average`` (the members' config and vocabulary, averaged
+    weights); ``ensemble`` is built by :func:`charlm.generate.LoadedModel.from_checkpoints`."""
+    first = payloads[0]
+    for p in payloads[1:]:
+        if p["vocab"] != first["vocab"] or p["config"]["model"] != first["config"]["model"]:
+            raise ValueError("snapshots of different models or vocabularies cannot be combined")
+    if combine != "average":
+        raise ValueError(f"combine {combine!r}: only 'average' makes one payload")
+    return {**first, "model": average_weights([p["model"] for p in payloads])}
+
+
+def load_payloads(paths: Sequence[str | os.PathLike[str]], device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    return [load_checkpoint(p, map_location=device) for p in paths]
