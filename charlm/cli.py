@@ -176,16 +176,23 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     loaded = _load_model(args)
     text = read_corpus(_corpus_path(args.corpus))
     metrics = loaded.evaluate_text(text, batch_size=args.batch_size, context=args.context)
-    _print_json({"model": args.checkpoint or args.model, "architecture": loaded.config.architecture, **metrics})
+    source = args.model or args.snapshots or (args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint)
+    combined = {"combine": args.combine} if args.snapshots or len(args.checkpoint or []) > 1 else {}
+    _print_json({"model": source, **combined, "architecture": loaded.config.architecture, **metrics})
 
 
 def _load_model(args: argparse.Namespace) -> LoadedModel:
     from charlm.generate import LoadedModel
 
-    if bool(args.checkpoint) == bool(args.model):
-        raise CliError("give either --checkpoint PATH or --model MODEL_URI")
+    if sum(map(bool, (args.checkpoint, args.snapshots, args.model))) != 1:
+        raise CliError("give one of --checkpoint PATH…, --snapshots DIR or --model MODEL_URI")
+    if args.snapshots:
+        from charlm.ensemble import snapshot_paths
+
+        paths = snapshot_paths(args.snapshots, args.last)
+        return LoadedModel.from_checkpoints(paths, combine=args.combine, device=args.device or "auto")
     if args.checkpoint:
-        return LoadedModel.from_checkpoint(args.checkpoint, device=args.device or "auto")
+        return LoadedModel.from_checkpoints(args.checkpoint, combine=args.combine, device=args.device or "auto")
     from charlm.tracking import check_tracking_server, load_registered
 
     if args.model.startswith(("models:/", "runs:/")):
@@ -326,7 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     def add_model_source(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--checkpoint", help="a checkpoint file written by 'charlm train'")
+        p.add_argument(
+            "--checkpoint",
+            nargs="+",
+            metavar="PATH",
+            help="a checkpoint written by 'charlm train'; several (a run's snapshots) are combined (--combine)",
+        )
+        p.add_argument("--snapshots", metavar="DIR", help="a run's checkpoint directory: combine its cycle-K.pt")
+        p.add_argument("--last", type=_count(1), help="with --snapshots: only the last M snapshots")
+        p.add_argument(
+            "--combine",
+            choices=["ensemble", "average"],
+            default="ensemble",
+            help="several checkpoints as the mean of their probabilities, or one model of their mean weights",
+        )
         p.add_argument("--model", help="an MLflow model URI, e.g. models:/charlm@champion (uses MLFLOW_TRACKING_URI)")
 
     p = sub.add_parser("evaluate", help="validation loss, bits/char and accuracy of a model on a corpus")

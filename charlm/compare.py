@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 COLUMNS = [
     "rank",
     "architecture",
+    "candidate",
     "best_val_loss",
     "best_val_bpc",
     "task",
@@ -31,10 +32,31 @@ COLUMNS = [
     "parameters",
     "epochs",
     "chars_per_sec",
+    "gen_chars_per_sec",
     "wall_time_s",
     "run_id",
 ]
-ROUNDING = {"best_val_loss": 4, "best_val_bpc": 4, "chars_per_sec": 0, "wall_time_s": 1}
+ROUNDING = {"best_val_loss": 4, "best_val_bpc": 4, "chars_per_sec": 0, "gen_chars_per_sec": 0, "wall_time_s": 1}
+
+
+def rows_of(result: TrainResult) -> list[dict[str, Any]]:
+    """An architecture's lines: its best checkpoint, then each ensemble and weight average of its
+    snapshots (their parameters: what inference holds; their speed: greedy generation)."""
+    base = {c: getattr(result, c) for c in COLUMNS if c not in ("rank", "candidate")}
+    rows = [{**base, "candidate": "best checkpoint"}]
+    for c in result.candidates:
+        members = len(c["members"])
+        rows.append(
+            {
+                **base,
+                "candidate": c["label"],
+                "best_val_loss": c["val_loss"],
+                "best_val_bpc": c["val_bpc"],
+                "parameters": result.parameters * (members if c["kind"] == "ensemble" else 1),
+                "gen_chars_per_sec": c["gen_chars_per_sec"],
+            }
+        )
+    return rows
 
 
 def primary_task(results: Sequence[TrainResult], champion_task: str | None = None) -> str:
@@ -51,12 +73,13 @@ def comparison_table(results: Sequence[TrainResult], primary: str | None = None)
     import pandas as pd
 
     primary = primary or primary_task(results)
-    ordered = sorted(results, key=lambda r: (r.task != primary, r.task, r.best_val_loss))
-    rows, ranks = [], Counter[str]()
-    for r in ordered:
-        ranks[r.task] += 1
-        rows.append({"rank": ranks[r.task], **{c: getattr(r, c) for c in COLUMNS if c != "rank"}})
-    return pd.DataFrame(rows, columns=COLUMNS)
+    every = [row for r in results for row in rows_of(r)]
+    ordered = sorted(every, key=lambda row: (row["task"] != primary, row["task"], row["best_val_loss"]))
+    ranks = Counter[str]()
+    for row in ordered:
+        ranks[row["task"]] += 1
+        row["rank"] = ranks[row["task"]]
+    return pd.DataFrame(ordered, columns=COLUMNS)
 
 
 def rounded(table: pd.DataFrame) -> pd.DataFrame:
@@ -68,7 +91,7 @@ def markdown(table: pd.DataFrame) -> str:
     """The table as markdown, one table per task under a line that names it (the parent run's
     description in the MLflow UI)."""
     shown = rounded(table)
-    columns = [c for c in COLUMNS if c not in ("task", "vocab_size", "valid_chars", "run_id")]
+    columns = [c for c in COLUMNS if c not in ("task", "vocab_size", "valid_chars", "run_id", "wall_time_s")]
     parts = []
     for task, rows in shown.groupby("task", sort=False):
         first = rows.iloc[0]

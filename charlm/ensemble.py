@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -49,13 +49,12 @@ class SnapshotEnsemble(CharModel):
         self.stateful = members[0].stateful  # type: ignore[misc]
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
-        return tuple(m.init_state(batch_size, device) for m in self._members())  # type: ignore[misc]
+        return cast(State, tuple(m.init_state(batch_size, device) for m in self._members()))
 
     def carry_state(self, state: State, batch_size: int, device: torch.device) -> State:
         states = state if isinstance(state, tuple) else (None,) * len(self.members)
-        return tuple(  # type: ignore[return-value]
-            m.carry_state(s, batch_size, device) for m, s in zip(self._members(), states, strict=True)
-        )
+        carried = (m.carry_state(s, batch_size, device) for m, s in zip(self._members(), states, strict=True))
+        return cast(State, tuple(carried))
 
     def forward(self, tokens: torch.Tensor, state: State = None) -> tuple[torch.Tensor, State]:
         states = state if isinstance(state, tuple) else (None,) * len(self.members)
@@ -66,7 +65,7 @@ class SnapshotEnsemble(CharModel):
             new_states.append(new_state)
         count = torch.tensor(float(len(log_probs)), device=tokens.device).log()
         mixed = torch.logsumexp(torch.stack(log_probs), dim=0) - count  # log of the mean probability
-        return mixed, tuple(new_states)  # type: ignore[return-value]
+        return mixed, cast(State, tuple(new_states))
 
     def _members(self) -> list[CharModel]:
         return list(self.members)  # type: ignore[arg-type]
@@ -106,7 +105,8 @@ def combine_payloads(payloads: Sequence[dict[str, Any]], combine: Combine) -> di
             raise ValueError("snapshots of different models or vocabularies cannot be combined")
     if combine != "average":
         raise ValueError(f"combine {combine!r}: only 'average' makes one payload")
-    return {**first, "model": average_weights([p["model"] for p in payloads])}
+    kept = {k: v for k, v in first.items() if k in ("config", "vocab", "history", "best", "progress", "world_size")}
+    return {**kept, "model": average_weights([p["model"] for p in payloads])}
 
 
 def load_payloads(paths: Sequence[str | os.PathLike[str]], device: torch.device | str = "cpu") -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from charlm.checkpoint import CheckpointError, load_checkpoint
 from charlm.config import RunConfig
 from charlm.data import PAD_INDEX, UNK_INDEX, CorpusError, Vocabulary
 from charlm.device import resolve_device
+from charlm.ensemble import Combine, SnapshotEnsemble, combine_payloads, load_payloads
 from charlm.models import CharModel, State, build_model
 
 
@@ -50,6 +51,31 @@ class LoadedModel:
         except (KeyError, RuntimeError, ValueError, TypeError) as err:  # a readable file with the wrong contents
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"{path}: its contents do not make a charlm model: {first}") from None
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        paths: Sequence[str | os.PathLike[str]],
+        combine: Combine = "ensemble",
+        device: str | torch.device = "auto",
+    ) -> LoadedModel:
+        """Several checkpoints of one model (a run's snapshots) as one: the ensemble of their
+        probabilities, or their weight average (see :mod:`charlm.ensemble`); one path is that model."""
+        if len(paths) == 1:
+            return cls.from_checkpoint(paths[0], device)
+        device = resolve_device(str(device))
+        payloads = load_payloads(paths, device)
+        try:
+            if combine == "average":
+                return cls.from_payload(combine_payloads(payloads, "average"), device)
+            members = [cls.from_payload(p, device) for p in payloads]
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{', '.join(map(str, paths))}: cannot be combined: {first}") from None
+        if any(m.vocab != members[0].vocab or m.config.model != members[0].config.model for m in members):
+            raise CheckpointError(f"{', '.join(map(str, paths))}: snapshots of different models cannot be combined")
+        ensemble = SnapshotEnsemble([m.model for m in members]).to(device).eval()
+        return cls(model=ensemble, vocab=members[0].vocab, config=members[0].config, device=device)
 
     def evaluate_text(self, text: str, *, batch_size: int | None = None, context: int | None = None) -> dict[str, Any]:
         """Validation metrics on the validation split of ``text`` (this model's split fraction and

@@ -122,6 +122,8 @@ class TrainResult(BaseModel):
     vocab_size: int = 0
     valid_chars: int = 0
     fingerprint: str = ""
+    gen_chars_per_sec: float = 0.0  # greedy generation of the best checkpoint, one request
+    candidates: list[dict[str, Any]] = []  # ensembles and weight averages of the last snapshots
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -257,4 +259,6 @@ def _result(job: TrainJob, fit: FitResult, trainer: Trainer, tracker: Any) -> Tr
         vocab_size=len(trainer.vocab),
         valid_chars=int(job.data.stats["valid_chars"]),
         fingerprint=job.fingerprint(),
+        gen_chars_per_sec=tracker.gen_chars_per_sec if tracker else 0.0,
+        candidates=list(tracker.candidates) if tracker else [],
     )

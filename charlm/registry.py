@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 DEFAULT_MODEL_NAME = "charlm"
+CANDIDATE_KINDS = ("best", "sgdr-snapshot", "ensemble", "weight_average")
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 
 
@@ -38,6 +39,7 @@ class Candidate:
     cycle: int | None = None
     task: str = ""  # what its validation loss measures (charlm.prepared.PrepSettings.task)
     fingerprint: str = ""  # corpus, settings, config and code that produced it
+    members: int = 1  # an ensemble's models (its inference costs that many); 1 otherwise
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,15 @@ class Decision:
         return asdict(self)
 
 
-def candidates_of(experiment_id: str, run_ids: list[str]) -> list[Candidate]:
-    """Every logged model (best checkpoints and snapshots) of the given child runs, best first."""
+def candidates_of(experiment_id: str, run_ids: list[str], max_ensemble: int | None = None) -> list[Candidate]:
+    """Every logged model of the given child runs — best checkpoints, snapshots, ensembles and weight
+    averages — best first; ensembles of more than ``max_ensemble`` models left out (what a
+    deployment accepts to pay at inference)."""
     models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
     out = []
     for m in models:
         tags = m.tags or {}
-        if m.source_run_id in run_ids and tags.get("charlm.kind") in ("best", "sgdr-snapshot"):
+        if m.source_run_id in run_ids and tags.get("charlm.kind") in CANDIDATE_KINDS:
             cycle = tags.get("charlm.cycle")
             out.append(
                 Candidate(
@@ -73,8 +77,11 @@ def candidates_of(experiment_id: str, run_ids: list[str]) -> list[Candidate]:
                     cycle=int(cycle) if cycle is not None else None,
                     task=tags.get("charlm.task", ""),
                     fingerprint=tags.get("charlm.fingerprint", ""),
+                    members=int(tags.get("charlm.members", 1)),
                 )
             )
+    if max_ensemble is not None:
+        out = [c for c in out if c.kind != "ensemble" or c.members <= max_ensemble]
     return sorted(out, key=lambda c: c.val_loss)
 
 
@@ -102,18 +109,25 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion |
 
 
 def identical_version(client: MlflowClient, model_name: str, candidate: Candidate) -> ModelVersion | None:
-    """The version of ``model_name`` that registers this logged model, or one with the same
-    fingerprint (the same corpus, settings, configuration and code), if there is one."""
+    """The version of ``model_name`` that registers this logged model, or the same kind of candidate
+    (best, snapshot K, ensemble or average of M) of a run with the same fingerprint (the same corpus,
+    settings, configuration and code), if there is one."""
     try:
         versions = client.search_model_versions(f"name = '{model_name}'")
     except MlflowException as err:
         if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code):
             return None
         raise
+    same_kind = {
+        "charlm.kind": candidate.kind,
+        "charlm.cycle": None if candidate.cycle is None else str(candidate.cycle),
+        "charlm.members": str(candidate.members),
+    }
     for v in versions:
-        if v.tags.get("charlm.model_id") == candidate.model_id or (
-            candidate.fingerprint and v.tags.get("charlm.fingerprint") == candidate.fingerprint
-        ):
+        if v.tags.get("charlm.model_id") == candidate.model_id:
+            return v
+        same_run = bool(candidate.fingerprint) and v.tags.get("charlm.fingerprint") == candidate.fingerprint
+        if same_run and all(v.tags.get(k, "1" if k == "charlm.members" else None) == w for k, w in same_kind.items()):
             return v
     return None
 
@@ -185,6 +199,7 @@ def promote(
         "charlm.model_id": candidate.model_id,
         "charlm.task": candidate.task,
         "charlm.fingerprint": candidate.fingerprint,
+        "charlm.members": str(candidate.members),
     }
     if parent_run_id:
         tags["charlm.parent_run_id"] = parent_run_id
@@ -260,6 +275,7 @@ def promote_run(
     model_name: str = DEFAULT_MODEL_NAME,
     margin: float = 0.0,
     read_corpus: Callable[[], str] | None = None,
+    max_ensemble: int | None = 3,
     client: MlflowClient | None = None,
 ) -> Decision:
     """Promote the best candidate of a finished pipeline run (see :func:`promote`).
@@ -275,7 +291,7 @@ def promote_run(
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
     )
-    candidates = candidates_of(parent.info.experiment_id, [c.info.run_id for c in children])
+    candidates = candidates_of(parent.info.experiment_id, [c.info.run_id for c in children], max_ensemble)
     if not candidates:
         raise ValueError(f"run {parent_run_id}: no candidate models (best checkpoints or snapshots) were logged")
     champion = alias_version(client, model_name, CHAMPION)

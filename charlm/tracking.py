@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from mlflow.pyfunc.model import PythonModel
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
 
+from charlm.candidates import generation_speed, snapshot_candidates
 from charlm.generate import LoadedModel
 from charlm.training import Callback, DistInfo, FitResult, Trainer
 
@@ -87,7 +89,8 @@ class CharLMPyfunc(PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        self.model = LoadedModel.from_checkpoint(context.artifacts["checkpoint"], device="cpu")
+        paths = [context.artifacts[name] for name in sorted(context.artifacts)]  # one, or an ensemble's members
+        self.model = LoadedModel.from_checkpoints(paths, combine="ensemble", device="cpu")
 
     def predict(
         self, context: Any, model_input: list[GenerationRequest], params: dict[str, Any] | None = None
@@ -113,7 +116,7 @@ def load_registered(model_uri: str) -> LoadedModel:
 
 
 def log_checkpoint_model(
-    checkpoint: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     name: str,
     *,
     run_id: str,
@@ -123,8 +126,13 @@ def log_checkpoint_model(
 ) -> str:
     """Log a checkpoint as an MLflow 3 logged model of run ``run_id`` (a pyfunc, as code), linked to
     the run's metrics at ``step``; returns its model id. The run stays as it is (no active run is
-    opened, so none is ended)."""
+    opened, so none is ended). Several checkpoints make an ensemble (the mean of their
+    probabilities), served like one model."""
     client = client or MlflowClient()
+    paths = [checkpoint] if isinstance(checkpoint, str | os.PathLike) else list(checkpoint)
+    artifacts = (
+        {"checkpoint": str(paths[0])} if len(paths) == 1 else {f"member-{i:02d}": str(p) for i, p in enumerate(paths)}
+    )
     run = client.get_run(run_id)
     model = mlflow.initialize_logged_model(
         name=name,
@@ -135,7 +143,7 @@ def log_checkpoint_model(
     mlflow.pyfunc.log_model(
         name=name,
         python_model=str(MODEL_CODE),
-        artifacts={"checkpoint": str(checkpoint)},
+        artifacts=artifacts,
         pip_requirements=PIP_REQUIREMENTS,
         input_example=INPUT_EXAMPLE,
         model_id=model.model_id,
@@ -176,6 +184,9 @@ class MLflowTracker(Callback):
         self.log_snapshots = log_snapshots
         self.model_tags = model_tags or {}  # on every logged model (task, fingerprint, corpus)
         self.snapshot_model_ids: dict[int, str] = {}
+        self.snapshot_paths: dict[int, str] = {}
+        self.candidates: list[dict[str, Any]] = []  # ensembles and weight averages, evaluated and logged
+        self.gen_chars_per_sec = 0.0
         self.best_model_id: str | None = None
         self._logged_step = self._logged_epoch = 0
 
@@ -232,6 +243,7 @@ class MLflowTracker(Callback):
             self.client.log_artifact(self.run_id, str(path), artifact_path="checkpoints")
         elif kind.startswith("cycle-") and self.log_snapshots:
             cycle = int(kind.removeprefix("cycle-"))
+            self.snapshot_paths[cycle] = str(path)
             tags = {"charlm.kind": "sgdr-snapshot", "charlm.cycle": cycle, "charlm.val_loss": metrics["val_loss"]}
             self.snapshot_model_ids[cycle] = self._log_model(trainer, path, kind, int(metrics["epoch"]), tags)
 
@@ -248,11 +260,44 @@ class MLflowTracker(Callback):
         )
         best = result.checkpoints.get("best")
         if best and self.log_snapshots:  # the best checkpoint as a logged model: a promotion candidate
-            tags = {"charlm.kind": "best", "charlm.val_loss": result.best_val_loss, "charlm.epoch": result.best_epoch}
+            speed = generation_speed(LoadedModel.from_checkpoint(best, device=trainer.device))
+            self.gen_chars_per_sec = speed
+            tags = {
+                "charlm.kind": "best",
+                "charlm.val_loss": result.best_val_loss,
+                "charlm.epoch": result.best_epoch,
+                "charlm.members": 1,
+                "charlm.gen_chars_per_sec": round(speed),
+            }
             self.best_model_id = self._log_model(trainer, best, "best", result.best_epoch, tags)
+        snapshots = [self.snapshot_paths[c] for c in sorted(self.snapshot_paths)]
+        if self.log_snapshots and len(snapshots) >= 2:
+            self._log_combined(trainer, snapshots, int(result.history[-1]["epoch"]) if result.history else 0)
+
+    def _log_combined(self, trainer: Trainer, snapshots: list[str], step: int) -> None:
+        """Ensembles and weight averages of the last snapshots, each a logged model and a candidate."""
+        for combined in snapshot_candidates(snapshots, trainer.corpus, device=str(trainer.device)):
+            size = len(combined.members)
+            tags = {
+                "charlm.kind": combined.kind,
+                "charlm.members": size,
+                "charlm.member_files": ",".join(Path(p).name for p in combined.members),
+                "charlm.val_loss": combined.val_loss,
+                "charlm.gen_chars_per_sec": round(combined.gen_chars_per_sec),
+            }
+            files = combined.checkpoint or combined.members
+            name = f"{combined.kind.replace('_', '-')}-last-{size}"
+            model_id = self._log_model(trainer, files, name, int(step), tags)
+            self.candidates.append({**combined.as_dict(), "model_id": model_id})
+            self.client.log_metric(self.run_id, f"{combined.kind}_{size}_val_loss", combined.val_loss, step=int(step))
 
     def _log_model(
-        self, trainer: Trainer, path: str | os.PathLike[str], kind: str, step: int, tags: dict[str, Any]
+        self,
+        trainer: Trainer,
+        path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        kind: str,
+        step: int,
+        tags: dict[str, Any],
     ) -> str:
         arch = trainer.config.architecture
         tags = {"charlm.architecture": arch, **self.model_tags, **tags}

@@ -213,6 +213,7 @@ class Trainer:
         dist: DistInfo | None = None,
     ) -> None:
         self.config = config
+        self.corpus = corpus
         self.vocab = corpus.vocab
         self.dist = dist or DistInfo()
         self.device = (

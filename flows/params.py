@@ -51,6 +51,9 @@ class PipelineParams(BaseModel):
     promote_best: bool = option(True, "train and compare only: promote nothing", flag="--no-promote")
     model_name: str = option("charlm", "registered model to promote into")
     promotion_margin: float = option(0.0, "improvement (nats/char) needed to replace the champion", flag="--margin")
+    max_ensemble: int = option(
+        3, "largest snapshot ensemble (models run per character) the promotion gate accepts; 1: none", ge=1
+    )
     skip_if_unchanged: bool = option(False, "skip training when the champion was trained on this exact corpus")
     distributed: DistributedConfig | None = option(None, "train each architecture as a DDP job", flag="--ddp")
     gpus_per_task: int | None = option(None, "GPUs allotted to each architecture task", ge=1)

@@ -132,10 +132,14 @@ def compare_architectures(
 
 
 @task(name="promote-best", retries=2, retry_delay_seconds=[10, 60])
-def promote(parent_run_id: str, model_name: str, margin: float, corpus: CorpusRef) -> dict[str, Any]:
+def promote(
+    parent_run_id: str, model_name: str, margin: float, corpus: CorpusRef, max_ensemble: int = 3
+) -> dict[str, Any]:
     """Register the run's best model; champion only if it beats the champion (decision logged).
     Safe to retry: a candidate already registered keeps its version."""
-    decision = registry.promote_run(parent_run_id, model_name=model_name, margin=margin, read_corpus=corpus.read_text)
+    decision = registry.promote_run(
+        parent_run_id, model_name=model_name, margin=margin, read_corpus=corpus.read_text, max_ensemble=max_ensemble
+    )
     create_markdown_artifact(promotion_markdown(decision.as_dict()), key="charlm-promotion", description="Registry")
     logger().info("promotion: %s v%s — %s", model_name, decision.version, decision.reason)
     return decision.as_dict()
@@ -237,7 +241,9 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
         title = f"{corpus.uri}, preset {params.preset_name}"
         table = compare_architectures(results, parent_id, str(output_dir), primary, title)
         promotion = (
-            promote(parent_id, params.model_name, params.promotion_margin, corpus) if params.promote_best else None
+            promote(parent_id, params.model_name, params.promotion_margin, corpus, params.max_ensemble)
+            if params.promote_best
+            else None
         )
         client.set_tag(parent_id, "charlm.best_architecture", table[0]["architecture"])
         client.log_metric(parent_id, "best_val_loss", table[0]["best_val_loss"])

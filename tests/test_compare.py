@@ -48,7 +48,42 @@ def test_the_table_ranks_within_each_task_primary_first():
 def test_the_description_has_one_table_per_task():
     text = compare.markdown(compare.comparison_table(RESULTS))
     assert text.index(f"*{LOWER}* — vocabulary 58, 120,179 validation characters") < text.index(f"*{CASED}*")
-    assert "| 1 | lstm | 1.25 |" in text and "| 2 | gru | 1.37 |" in text and "| 1 | char3 | 1.1 |" in text
+    assert "| 1 | lstm | best checkpoint | 1.25 |" in text and "| 2 | gru | best checkpoint | 1.37 |" in text
+    assert "| 1 | char3 | best checkpoint | 1.1 |" in text
+
+
+def test_ensembles_and_averages_get_rows_of_their_own():
+    lstm = RESULTS[2].model_copy(
+        update={
+            "candidates": [
+                {
+                    "kind": "ensemble",
+                    "members": ["a", "b"],
+                    "label": "ensemble of the last 2 snapshots",
+                    "val_loss": 1.20,
+                    "val_bpc": 1.73,
+                    "gen_chars_per_sec": 500.0,
+                },
+                {
+                    "kind": "weight_average",
+                    "members": ["a", "b"],
+                    "label": "weight average of the last 2 snapshots",
+                    "val_loss": 1.30,
+                    "val_bpc": 1.88,
+                    "gen_chars_per_sec": 1000.0,
+                },
+            ]
+        }
+    )
+    table = compare.comparison_table([RESULTS[0], RESULTS[1], lstm])
+    lower = table[table["task"] == LOWER]
+    assert list(zip(lower["architecture"], lower["candidate"], lower["rank"])) == [
+        ("lstm", "ensemble of the last 2 snapshots", 1),
+        ("lstm", "best checkpoint", 2),
+        ("lstm", "weight average of the last 2 snapshots", 3),
+        ("gru", "best checkpoint", 4),
+    ]
+    assert list(lower["parameters"]) == [2000, 1000, 1000, 1000]  # an ensemble holds both members
 
 
 def test_the_plot_is_written(tmp_path):

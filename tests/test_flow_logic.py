@@ -137,6 +137,7 @@ def test_the_summary_names_the_best_where_to_look_and_the_decision():
     lower, cased = "lowercased, min_freq 3, last 20% validation", "case-sensitive, min_freq 1, last 20% validation"
     common = {"parameters": 150_000, "epochs": 9, "chars_per_sec": 30_000.4, "valid_chars": 120_179}
     gru = {"rank": 1, "architecture": "stateful_gru", "best_val_loss": 1.3712, "best_val_bpc": 1.978, **common}
+    gru |= {"candidate": "best checkpoint", "gen_chars_per_sec": 800.2}
     char3 = {"rank": 1, "architecture": "char3", "best_val_loss": 1.1, "best_val_bpc": 1.6, **common}
     summary = {
         "tracking_uri": "sqlite:///mlflow.db",
@@ -150,8 +151,10 @@ def test_the_summary_names_the_best_where_to_look_and_the_decision():
     text = format_summary(summary)
     assert f"task: {lower} (vocabulary 58, 120,179 validation chars)" in text
     assert f"task: {cased} (vocabulary 84, 120,179 validation chars)" in text  # ranked apart, not below
-    assert "   1 stateful_gru          1.3712   1.9780   150,000      9    30,000" in text
-    assert f"best: stateful_gru with validation loss 1.3712 nats/char ({lower})" in text
+    gru_line = next(line for line in text.splitlines() if line.startswith("   1 stateful_gru"))
+    expected = "1 stateful_gru best checkpoint 1.3712 1.9780 150,000 9 30,000 800"
+    assert gru_line.split() == expected.split()
+    assert f"best: stateful_gru (best checkpoint) with validation loss 1.3712 nats/char ({lower})" in text
     assert (
         "MLflow runs: mlflow ui --backend-store-uri sqlite:///mlflow.db   then open "
         "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"

@@ -91,7 +91,7 @@ def test_parent_and_child_runs(stack, first_run):
     assert dataset.dataset.digest == first_run["corpus"]["sha256"][:36]
     assert dataset.dataset.name == f"s3://corpora/corpus.txt @ {stack['s3_url']}"
     assert dataset.dataset.source_type == "s3"
-    assert "| rank | architecture | best_val_loss |" in parent.data.tags["mlflow.note.content"]  # the description
+    assert "| rank | architecture | candidate | best_val_loss |" in parent.data.tags["mlflow.note.content"]
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
@@ -150,12 +150,18 @@ def test_cycle_snapshots_are_logged_models(stack, first_run):
 
 
 def test_comparison_table(first_run):
-    table = first_run["table"]
+    table = [r for r in first_run["table"] if r["candidate"] == "best checkpoint"]
     assert [r["architecture"] for r in table] == sorted(
         ARCHS, key=lambda a: next(r["best_val_loss"] for r in first_run["results"] if r["architecture"] == a)
     )
-    assert first_run["best"]["architecture"] == table[0]["architecture"]
+    assert first_run["best"] == first_run["table"][0]
     assert all(r["parameters"] > 0 and r["epochs"] == 3 for r in table)
+    combined = {(r["architecture"], r["candidate"]) for r in first_run["table"]} - {
+        (r["architecture"], r["candidate"]) for r in table
+    }
+    assert combined == {
+        (arch, f"{kind} of the last 2 snapshots") for arch in ARCHS for kind in ("ensemble", "weight average")
+    }  # two SGDR snapshots each: an ensemble and a weight average of both, with rows of their own
 
 
 def test_rerun_reuses_prepared_artifacts_and_changed_corpus_does_not(stack, first_run):
@@ -224,9 +230,9 @@ def test_promotion_and_skipping_an_unchanged_corpus(stack, first_run):
     assert decision["promoted"] and decision["reason"] == "no champion yet"  # the first run of the registry
     assert version.tags["charlm.decision"] == "promoted to champion"
     assert version.tags["charlm.corpus_sha256"] == first_run["corpus"]["sha256"]
-    assert float(version.tags["charlm.val_loss"]) == pytest.approx(
-        min(r["best_val_loss"] for r in first_run["results"]), abs=1e-6
-    )
+    every = [r["best_val_loss"] for r in first_run["results"]]  # best checkpoints, ensembles and averages
+    every += [c["val_loss"] for r in first_run["results"] for c in r["candidates"] if len(c["members"]) <= 3]
+    assert float(version.tags["charlm.val_loss"]) == pytest.approx(min(every), abs=1e-6)  # a snapshot never wins
     assert client.get_run(first_run["parent_run_id"]).data.tags["charlm.decision"] == "promoted to champion"
 
     # Later runs may have moved the champion: skip a run the same as the one it came from.

@@ -63,15 +63,23 @@ def candidates(server):
             run_id=run_id,
             fingerprint=f"fp-{label}" if label != "twin" else "fp-better",  # twin: what a rerun of "better" logs
         )
+    ensemble_id = log_checkpoint_model(
+        [out / "cycle-0.pt", out / "cycle-1.pt"], "cand-ensemble", run_id=run_id, tags={"charlm.kind": "ensemble"}
+    )
+    result["ensemble"] = registry.Candidate(
+        model_id=ensemble_id, architecture="stateful_gru", kind="ensemble", val_loss=0.9, run_id=run_id, members=2
+    )
     assert client.get_run(run_id).info.status == "RUNNING"  # logging models never ended the run
     return result
 
 
 @pytest.fixture(scope="module")
 def served(candidates):
-    """A registered model of its own with a champion, for the loading and serving tests."""
+    """A registered model of its own whose champion is a snapshot ensemble (two members), for the
+    loading and serving tests: an ensemble is served as a single model is."""
     name = f"{NAME}-served"
-    registry.promote(candidates["first"], corpus_sha256="aaa", model_name=name)
+    decision = registry.promote(candidates["ensemble"], corpus_sha256="aaa", model_name=name)
+    assert decision.promoted and MlflowClient().get_model_version(name, decision.version).tags["charlm.members"] == "2"
     return name
 
 
