@@ -34,6 +34,7 @@ bench:
 	$(PY) bench/quality.py
 	$(PY) bench/pipeline_overhead.py
 	$(PY) bench/ddp_scaling.py
+	$(PY) bench/snapshots.py
 
 clean:
 	rm -rf $(VENV) runs mlruns mlflow.db .charlm .pytest_cache

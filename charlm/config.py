@@ -111,6 +111,9 @@ class RunConfig(_Strict):
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'")
     log_every: int = Field(10, ge=1, description="steps between training-loss reports to hooks")
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N steps mid-epoch")
+    checkpoint_minutes: float | None = Field(
+        5.0, gt=0, description="also checkpoint last.pt mid-epoch after this many minutes of training (None: off)"
+    )
     progress: bool = Field(True, description="show a progress bar when stderr is a terminal")
 
     @model_validator(mode="after")

@@ -27,6 +27,7 @@ from mlflow.entities import DatasetInput, InputTag, Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from charlm import stopping
 from charlm.distributed import DistributedConfig, launch_training
 from charlm.job import TrackingTarget, TrainJob, TrainResult, run_job
 from charlm.prepared import CorpusRef
@@ -135,11 +136,17 @@ def start_parent_run(experiment_name: str, run_name: str, corpus: CorpusRef, tag
 
 
 def end_run(run_id: str, error: BaseException | None = None) -> None:
-    """FINISHED, or FAILED with the error as the ``charlm.error`` tag."""
+    """FINISHED; KILLED when a stop was requested (a signal, a cancellation), the reason as the
+    ``charlm.stopped`` tag; else FAILED with the error as the ``charlm.error`` tag."""
     client = MlflowClient()
-    if error is not None:
+    if error is None:
+        client.set_terminated(run_id, status="FINISHED")
+    elif stopping.requested() is not None or isinstance(error, stopping.TrainingStopped | KeyboardInterrupt):
+        client.set_tag(run_id, "charlm.stopped", stopping.requested() or type(error).__name__)
+        client.set_terminated(run_id, status="KILLED")
+    else:
         client.set_tag(run_id, "charlm.error", "".join(traceback.format_exception_only(type(error), error))[:5000])
-    client.set_terminated(run_id, status="FAILED" if error is not None else "FINISHED")
+        client.set_terminated(run_id, status="FAILED")
 
 
 def train_in_child_run(

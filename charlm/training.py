@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charlm import stopping
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import RunConfig
 from charlm.data import PAD_INDEX, Layout, PreparedCorpus, make_layout
@@ -273,6 +274,7 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)  # running sums of the current epoch
         self._chars, self._train_seconds = 0, 0.0
         self.checkpoints: dict[str, str] = {}
+        self._last_write = time.monotonic()  # for checkpoint_minutes
 
     # ------------------------------------------------------------------ metrics
 
@@ -361,18 +363,45 @@ class Trainer:
             if self.step % log_every == 0 and self.callbacks:
                 self._call("on_step_end", self.step, loss.item(), lr)
             every = self.config.checkpoint_every
-            if every and self.step % every == 0 and self.batch < len(plan):
+            due = every and self.step % every == 0
+            if self.step % log_every == 0 and not due:  # a stop or a restart loses minutes, not an epoch
+                due = self._checkpoint_is_due()
+            if due and self.batch < len(plan):
                 self._train_seconds += time.perf_counter() - tick
                 tick = time.perf_counter()
                 self.checkpoint()
             if max_steps is not None and self.step >= max_steps and self.batch < len(plan):
                 self._train_seconds += time.perf_counter() - tick
                 return False
+            if stopping.requested() is not None:
+                self._train_seconds += time.perf_counter() - tick
+                self._stop()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self._train_seconds += time.perf_counter() - tick
         self._end_epoch()
         return True
+
+    def _checkpoint_is_due(self) -> bool:
+        """``checkpoint_minutes`` of training since the last write (every rank agrees: rank 0's clock)."""
+        minutes = self.config.checkpoint_minutes
+        if minutes is None or self.checkpoint_dir is None:
+            return False
+        due = time.monotonic() - self._last_write >= minutes * 60
+        if self.dist.world_size > 1:
+            flag = torch.tensor([float(due)], device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
+    def _stop(self) -> None:
+        """A stop was requested: leave a checkpoint to resume from exactly, then raise. (A DDP rank
+        does not: its peers may be gone, and ``last.pt`` of the last epoch or mid-epoch checkpoint
+        is a consistent one.)"""
+        reason = stopping.requested() or "stop requested"
+        if self.dist.world_size == 1:
+            self.checkpoint()
+        raise stopping.TrainingStopped(f"{self.config.architecture}: stopped at step {self.step} ({reason})")
 
     def _end_epoch(self) -> None:
         epoch = self.epoch
@@ -457,6 +486,7 @@ class Trainer:
         if epoch_sums is not None:
             payload["epoch_sums"].update(epoch_sums)
         path = save_checkpoint(payload, self.checkpoint_dir / f"{kind}.pt")
+        self._last_write = time.monotonic()
         self.checkpoints[kind] = str(path)
         self._call("on_checkpoint", kind, path, metrics)
 

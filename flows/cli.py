@@ -12,15 +12,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import types
 import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
+from prefect.exceptions import TerminationSignal
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from charlm import stopping
 from charlm.cli import describe_error
 from charlm.distributed import DistributedConfig
 from charlm.tracking import TrackingUnavailable, check_tracking_server
@@ -163,9 +166,18 @@ def main(flow: Callable[..., Any], argv: list[str] | None = None) -> Any:
         logging.getLogger(name).addFilter(quiet)
     try:
         return flow.with_options(task_runner=task_runner)(params)  # type: ignore[attr-defined]
-    except KeyboardInterrupt:
-        print("python -m flows.pipeline: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, TerminationSignal) as err:
+        # The trainings stop at their next step, write last.pt and end their runs KILLED while the
+        # interpreter waits for their threads; a second signal does not wait.
+        name = "SIGINT" if isinstance(err, KeyboardInterrupt) else signal.Signals(err.signal).name
+        stopping.request(name)
+        code = 130 if name == "SIGINT" else 128 + int(getattr(signal, name))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: os._exit(code))
+        print(
+            f"python -m flows.pipeline: stopped by {name}: runs marked KILLED, last.pt kept to resume", file=sys.stderr
+        )
+        sys.exit(code)
     except Exception as err:
         described = describe_error(err)
         if described is None:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from charlm.config import RunConfig, preset
+from charlm.device import uses_cuda
 from charlm.distributed import DistributedConfig
 from charlm.models import ARCHITECTURES
 from charlm.storage import DEFAULT_CORPUS_URI, check_uri
@@ -98,6 +99,29 @@ class PipelineParams(BaseModel):
             config = preset(self.preset_name, arch).override({"progress": False})
             configs.append(config.override({**self.overrides.get("*", {}), **self.overrides.get(arch, {})}))
         return configs
+
+    def cpu_plan(self, cores: int) -> tuple[int, DistributedConfig | None, str | None]:
+        """DDP ranks on a CPU host without oversubscribing it: ``(concurrency, distributed, note)``.
+        Tasks at once are capped so that their ranks fit the cores, and each rank gets an equal
+        share of the cores as torch threads (unless ``threads_per_rank`` is given); GPU jobs and
+        in-process training are left as they are."""
+        dist = self.distributed
+        if dist is None or (uses_cuda(self.run_configs()[0].device) and dist.backend != "gloo"):
+            return self.concurrency, dist, None
+        ranks = dist.nproc_per_node or 1
+        at_once = min(self.concurrency, len(self.architectures))
+        concurrency = self.concurrency
+        note = None
+        if ranks * at_once > cores:
+            concurrency = max(1, cores // ranks)
+            at_once = min(concurrency, len(self.architectures))
+            note = (
+                f"{ranks} ranks × {min(self.concurrency, len(self.architectures))} tasks would oversubscribe "
+                f"{cores} cores: {concurrency} task(s) at a time"
+            )
+        if dist.threads_per_rank is None:
+            dist = dist.model_copy(update={"threads_per_rank": max(1, cores // (ranks * at_once))})
+        return concurrency, dist, note
 
     def distribution(self, flow_run_id: str) -> DistributedConfig | None:
         """The DDP settings, a multi-node job named after the flow run when it has no id."""

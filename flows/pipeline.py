@@ -16,6 +16,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "charlm")  # the per-epoch lines, in the task's log
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,10 +28,11 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run, task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from charlm import compare, prepared, registry
+from charlm import compare, prepared, registry, stopping
 from charlm.device import uses_cuda
 from charlm.distributed import DistributedConfig, GpuAllocator
 from charlm.experiment import close_orphaned_runs, end_run, owner_gone, start_parent_run, train_in_child_run
@@ -148,6 +150,17 @@ def promote(
 # --------------------------------------------------------------------------- flow
 
 
+def stop_reason(err: BaseException) -> str | None:
+    """Why the flow is being stopped, when ``err`` says it is: a signal or a cancellation."""
+    if isinstance(err, KeyboardInterrupt):
+        return "SIGINT (Ctrl-C)"
+    if isinstance(err, TerminationSignal):
+        return f"{signal.Signals(err.signal).name} (a stop or a cancellation)"
+    if isinstance(err, stopping.TrainingStopped):
+        return stopping.requested() or str(err)
+    return None
+
+
 def unchanged_champion(fingerprint: str, model_name: str) -> str | None:
     """The champion's version when it came from a run with this fingerprint: the same corpus,
     architectures, settings and code."""
@@ -191,6 +204,10 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
     params = params or PipelineParams()
     configs = params.run_configs()  # validated before any work
     run_id = str(flow_run.get_id() or "local")
+    concurrency, cpu_dist, note = params.cpu_plan(len(os.sched_getaffinity(0)))
+    if note:
+        print(note)
+    params = params.model_copy(update={"concurrency": concurrency, "distributed": cpu_dist})
     distributed = params.distribution(run_id)
     tracking_uri = check_tracking_server()  # an unreachable tracking server fails here, before any work
     mlflow.set_tracking_uri(tracking_uri)
@@ -248,6 +265,8 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
         client.set_tag(parent_id, "charlm.best_architecture", table[0]["architecture"])
         client.log_metric(parent_id, "best_val_loss", table[0]["best_val_loss"])
     except BaseException as err:
+        if (reason := stop_reason(err)) is not None:  # every training thread stops at its next step
+            stopping.request(reason)
         end_run(parent_id, err)
         raise
     end_run(parent_id)

@@ -54,6 +54,21 @@ def test_a_multinode_job_is_named_after_the_flow_run():
     assert PipelineParams().distribution("x") is None
 
 
+def test_ddp_on_a_cpu_host_never_oversubscribes_it():
+    params = PipelineParams(
+        architectures=["char3", "stateful_gru", "stateful_lstm"],
+        concurrency=2,
+        distributed=DistributedConfig(nproc_per_node=2),
+    )
+    concurrency, dist, note = params.cpu_plan(cores=2)  # 2 tasks × 2 ranks on 2 cores: one task at a time
+    assert (concurrency, dist.threads_per_rank) == (1, 1) and "would oversubscribe 2 cores" in note
+    concurrency, dist, note = params.cpu_plan(cores=16)  # room for both: 4 threads per rank
+    assert (concurrency, dist.threads_per_rank, note) == (2, 4, None)
+    given = params.model_copy(update={"distributed": DistributedConfig(nproc_per_node=2, threads_per_rank=3)})
+    assert given.cpu_plan(cores=16)[1].threads_per_rank == 3  # an explicit setting stands
+    assert PipelineParams().cpu_plan(cores=2) == (2, None, None)  # in-process training: untouched
+
+
 # --------------------------------------------------------------------------- command line
 
 

@@ -201,3 +201,23 @@ def test_notebook_presets_match_the_notebook():
     gru = notebook("stateful_gru")
     assert (gru.model.embedding_dim, gru.model.hidden_size, gru.data.batch_size, gru.data.context) == (42, 256, 64, 8)
     assert [(p.lr, p.epochs) for p in gru.schedule] == [(1e-3, 6), (1e-4, 3)]
+
+
+def test_a_long_epoch_is_checkpointed_every_few_minutes(small_text, tmp_path):
+    """checkpoint_minutes: last.pt is written mid-epoch once that much training time has passed
+    (here a few milliseconds, so every log_every steps), not only at the epoch's end."""
+    config = tiny("stateful_gru").override({"checkpoint_minutes": 1e-9, "log_every": 5})
+    written = []
+
+    class Recorder(Callback):
+        def on_checkpoint(self, trainer, kind, path, metrics):
+            written.append((kind, trainer.step, trainer.batch))
+
+    trainer = Trainer(config, prepare_for(config, small_text), callbacks=[Recorder()], checkpoint_dir=tmp_path)
+    trainer.fit()
+    mid_epoch = [w for w in written if w[0] == "last" and w[2] > 0]
+    assert len(mid_epoch) >= 3 and all(step % 5 == 0 for _, step, _ in mid_epoch)  # at log_every steps
+    quiet = tiny("stateful_gru").override({"checkpoint_minutes": None})
+    written.clear()
+    Trainer(quiet, prepare_for(quiet, small_text), callbacks=[Recorder()], checkpoint_dir=tmp_path / "q").fit()
+    assert [w for w in written if w[0] == "last" and w[2] > 0] == []  # off: epoch ends only
