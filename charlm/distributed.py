@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from charlm import ddp_worker
+from charlm import ddp_worker, stopping
 from charlm.ddp_worker import WorkerSpec
 from charlm.device import processes_per_node
 from charlm.job import TrainJob, TrainResult
@@ -113,8 +118,11 @@ def launch_training(
 ) -> TrainResult:
     """Run ``job`` as a DDP job from this node (the driver) and return rank 0's result.
 
-    ``devices``: the GPU indices this job may use (see :class:`GpuAllocator`). A worker
-    failure with no restarts left raises torch's ``ChildFailedError``.
+    ``devices``: the GPU indices this job may use (see :class:`GpuAllocator`). The launcher
+    runs in a process of its own (:mod:`charlm.launch`). A worker failure with no restarts
+    left raises :class:`DistributedJobError` with torch's report; a stop (a signal, or
+    :func:`charlm.stopping.request` in this process) stops the workers without a restart
+    and raises :class:`charlm.stopping.TrainingStopped`.
     """
     dist = dist or DistributedConfig()
     dist.check_multinode()
@@ -122,14 +130,50 @@ def launch_training(
     if devices is not None and nproc > len(devices):
         raise ValueError(f"{nproc} processes per node but only {len(devices)} GPU(s) allotted: {devices}")
     spec = WorkerSpec(job=job, devices=devices, backend=dist.backend, threads_per_rank=dist.threads_per_rank)
-    launch = elastic_launch(_launch_config(dist, nproc), entrypoint=ddp_worker.run)
-    results: dict[int, TrainResult | None] = launch(spec.model_dump_json())
-    # Keyed by torchrun's ranks, whose node order is its own; the workers renumber themselves so that
-    # rank 0 is this node's first worker, and rank 0 alone returns a result.
-    result = next((r for r in results.values() if r is not None), None)
-    if result is None:
-        raise RuntimeError(f"{job.architecture}: the DDP job ended without a result from rank 0")
-    return result
+    with tempfile.TemporaryDirectory(prefix="charlm-launch-") as tmp:
+        request, answer = Path(tmp) / "request.json", Path(tmp) / "answer.json"
+        request.write_text(
+            json.dumps({"dist": dist.model_dump(mode="json"), "nproc": nproc, "worker": spec.model_dump_json()})
+        )
+        # The launcher gets a process of its own (charlm.launch): there torch handles SIGTERM and Ctrl-C.
+        proc = subprocess.Popen([sys.executable, "-m", "charlm.launch", str(request), str(answer)])
+        with _LAUNCHERS_LOCK:
+            _LAUNCHERS.add(proc)
+        try:
+            code = proc.wait()
+        except BaseException:  # this thread was interrupted: the job must not outlive it
+            proc.terminate()
+            proc.wait()
+            raise
+        finally:
+            with _LAUNCHERS_LOCK:
+                _LAUNCHERS.discard(proc)
+        outcome = json.loads(answer.read_text()) if answer.is_file() else {}
+    if "result" in outcome:
+        return TrainResult.model_validate(outcome["result"])
+    if "stopped" in outcome:
+        raise stopping.TrainingStopped(f"{job.architecture}: the DDP job was stopped ({outcome['stopped']})")
+    raise DistributedJobError(outcome.get("error") or f"{job.architecture}: the DDP launcher exited with {code}")
+
+
+class DistributedJobError(RuntimeError):
+    """A DDP job failed; the message is the workers' error (torch's ``ChildFailedError`` report,
+    with each failed rank's traceback) or the launcher's."""
+
+
+_LAUNCHERS: set[subprocess.Popen[bytes]] = set()
+_LAUNCHERS_LOCK = threading.Lock()
+
+
+def _stop_launchers(reason: str) -> None:
+    """A stop was requested: each running job's launcher stops its workers (SIGTERM)."""
+    with _LAUNCHERS_LOCK:
+        for proc in _LAUNCHERS:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+
+stopping.on_request(_stop_launchers)
 
 
 def join_training(dist: DistributedConfig, *, devices: list[int] | None = None, backend: str | None = None) -> None:
@@ -141,10 +185,10 @@ def join_training(dist: DistributedConfig, *, devices: list[int] | None = None, 
     dist.check_multinode()
     nproc = dist.nproc_per_node or processes_per_node("auto", devices, backend or "auto")
     spec = WorkerSpec(devices=devices, backend=backend, threads_per_rank=dist.threads_per_rank)
-    elastic_launch(_launch_config(dist, nproc), entrypoint=ddp_worker.run)(spec.model_dump_json())
+    elastic_launch(launch_config(dist, nproc), entrypoint=ddp_worker.run)(spec.model_dump_json())
 
 
-def _launch_config(dist: DistributedConfig, nproc: int) -> LaunchConfig:
+def launch_config(dist: DistributedConfig, nproc: int) -> LaunchConfig:
     # A fresh store for each rendezvous round, hosted by that round's rank 0 (see charlm.ddp_worker),
     # rather than one agent store that outlives restarts. Read by torch's rendezvous handler.
     os.environ[SHARED_STORE_ENV] = "1"

@@ -10,13 +10,20 @@ points (the pipeline's command line, Prefect's engine) turn signals into :func:`
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 _event = threading.Event()
 _reason: list[str] = []
+_hooks: list[Callable[[str], None]] = []
 
 
 class TrainingStopped(Exception):
     """Training stopped because a stop was requested; the message says why."""
+
+
+def on_request(hook: Callable[[str], None]) -> None:
+    """Call ``hook(reason)`` when a stop is requested (DDP launchers pass it on to their workers)."""
+    _hooks.append(hook)
 
 
 def request(reason: str) -> None:
@@ -24,6 +31,8 @@ def request(reason: str) -> None:
     if not _event.is_set():
         _reason.append(reason)
         _event.set()
+        for hook in list(_hooks):
+            hook(reason)
 
 
 def requested() -> str | None:

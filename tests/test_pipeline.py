@@ -417,7 +417,7 @@ def test_a_ddp_worker_error_fails_its_task_with_that_error_and_the_run_is_marked
     monkeypatch.setenv("CHARLM_FAULT_INJECT", "rank=1,step=5,mode=raise")
     with pytest.raises(
         RuntimeError,
-        match=r"(?s)1 architecture\(s\) failed: ChildFailedError.*"
+        match=r"(?s)1 architecture\(s\) failed: DistributedJobError: ChildFailedError.*"
         r"RuntimeError: \[charlm fault injection\] rank 1 raised at step 5",
     ):
         run_flow(
@@ -579,8 +579,10 @@ def test_each_training_task_shows_its_progress_in_prefect(stack, first_run):
     assert {a.key: a.data for a in artifacts if a.data == 100.0}.keys() >= set(keys)  # every run reached the end
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
-def test_a_signal_stops_the_pipeline_and_leaves_a_resumable_checkpoint(stack, tmp_path, signame):
+@pytest.mark.parametrize(
+    ("signame", "ddp"), [("SIGTERM", False), ("SIGINT", False), ("SIGTERM", True), ("SIGINT", True)]
+)
+def test_a_signal_stops_the_pipeline_and_leaves_a_resumable_checkpoint(stack, tmp_path, signame, ddp):
     """SIGTERM (docker stop, a pod eviction, Prefect's cancel) or Ctrl-C while training: the process
     and its children end, the runs end KILLED with the reason, the flow run is no longer Running,
     and last.pt is where training stood."""
@@ -594,10 +596,12 @@ def test_a_signal_stops_the_pipeline_and_leaves_a_resumable_checkpoint(stack, tm
 
     from charlm.checkpoint import load_checkpoint
 
-    experiment = f"e2e-{signame.lower()}"
+    experiment = f"e2e-{signame.lower()}{'-ddp' if ddp else ''}"
     command = [sys.executable, "-m", "flows.pipeline", "--corpus-uri", "s3://corpora/long.txt", "--preset", "tiny"]
     command += ["--arch", "stateful_lstm", "--experiment", experiment, "--s3-endpoint-url", stack["s3_url"]]
     command += ["--no-promote", "--set", "model.hidden_size=128"]
+    if ddp:  # two ranks, and a restart the stop must not spend
+        command += ["--ddp", "--nproc-per-node", "2", "--max-restarts", "1"]
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(Path(__file__).parents[1])}
     log = tmp_path / "stopped.log"
     proc = subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -619,7 +623,12 @@ def test_a_signal_stops_the_pipeline_and_leaves_a_resumable_checkpoint(stack, tm
     # Ctrl-C: our one line and 130; SIGTERM: Prefect marks the flow run Crashed and ends the process by
     # the signal itself (a shell shows 143).
     assert code in ((130, -2) if signame == "SIGINT" else (143, -15)), output[-3000:]
-    assert "stopped at step" in output  # the training stopped at its next step, not at the epoch's end
+    if ddp:  # the launcher runs in a main thread of its own: torch's signal handlers are there
+        assert "Failed to register signal handlers" not in output and "the DDP job was stopped" in output
+        (child,) = [r for r in _runs_in(stack, experiment) if "charlm.architecture" in r.data.tags]
+        assert child.data.tags["charlm.restarts"] == "0"  # no restart spent on a stop from outside
+    else:
+        assert "stopped at step" in output  # the training stopped at its next step, not at the epoch's end
     assert not [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     runs = _runs_in(stack, experiment)
     assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.status, r.data.tags.get("charlm.error")) for r in runs]
@@ -627,7 +636,78 @@ def test_a_signal_stops_the_pipeline_and_leaves_a_resumable_checkpoint(stack, tm
     flow_run_id = runs[0].data.tags["prefect.flow_run_id"]
     with get_client(sync_client=True) as prefect:
         assert not prefect.read_flow_run(flow_run_id).state.is_running()
-    last = load_checkpoint(stack["home"] / "runs" / flow_run_id / "stateful_lstm" / "last.pt")
-    assert last["progress"]["step"] > 0  # where training stood: a resumed run continues from here
+    if not ddp:  # a DDP rank's last.pt is its last epoch or mid-epoch checkpoint (tested elsewhere)
+        last = load_checkpoint(stack["home"] / "runs" / flow_run_id / "stateful_lstm" / "last.pt")
+        assert last["progress"]["step"] > 0  # where training stood: a resumed run continues from here
     again = run_flow(stack, architectures=["char3"], experiment_name=experiment, promote_best=False)
     assert client.get_run(again["parent_run_id"]).info.status == "FINISHED"
+
+
+def test_cancelling_a_flow_run_in_prefect_stops_its_training(stack, tmp_path):
+    """Prefect's Cancel (the UI's button, `prefect flow-run cancel`): the worker stops the flow run's
+    process; its training stops at the next step, its runs end KILLED, the flow run Cancelled."""
+    import subprocess
+    import sys
+
+    import psutil
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelling
+
+    from flows.pipeline import charlm_pipeline
+
+    with get_client(sync_client=True) as prefect:
+        prefect.create_work_pool(WorkPoolCreate(name="cancel-pool", type="process"))
+    root = Path(__file__).resolve().parents[1]
+    charlm_pipeline.from_source(source=str(root), entrypoint="flows/pipeline.py:charlm_pipeline").deploy(
+        name="cancel", work_pool_name="cancel-pool"
+    )
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    env["PYTHONPATH"] = str(root)
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cancel-pool", "--type", "process"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    experiment = "e2e-cancel"
+    params = {"corpus_uri": "s3://corpora/long.txt", "preset_name": "tiny", "architectures": ["stateful_lstm"]}
+    params |= {"experiment_name": experiment, "s3_endpoint_url": stack["s3_url"], "promote_best": False}
+    params |= {"overrides": {"*": {"model.hidden_size": 128}}}
+    client = MlflowClient(stack["tracking"])
+    try:
+        flow_run = run_deployment("charlm-pipeline/cancel", parameters={"params": params}, timeout=0)
+        child = None
+        for _ in range(600):  # until its training has logged steps
+            runs = [r for r in _runs_in(stack, experiment) if "charlm.architecture" in r.data.tags]
+            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss_step"):
+                child = runs[0]
+                break
+            time.sleep(0.5)
+        assert child is not None, log.read_text()[-3000:]
+        pid = int(child.data.tags["charlm.pid"])
+        with get_client(sync_client=True) as prefect:
+            prefect.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the test"), force=True)
+            for _ in range(240):
+                state = prefect.read_flow_run(flow_run.id).state
+                if state.is_final():
+                    break
+                time.sleep(0.5)
+        assert state.is_cancelled(), (state, log.read_text()[-3000:])
+        for _ in range(120):  # the flow run's process ends
+            if not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie":
+                break
+            time.sleep(0.5)
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        runs = _runs_in(stack, experiment)
+        assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.status, r.data.tags) for r in runs]
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
