@@ -188,6 +188,43 @@ def test_a_cached_preparation_whose_files_were_deleted_is_prepared_again(stack, 
     assert again["results"][0]["epochs"] == 3
 
 
+def process_worker(pool: str, workdir: Path, pythonpath: str | None = None):
+    """A real `prefect worker` serving a process work pool, as its own process: (Popen, log path)."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    log = workdir / "worker.log"
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process"]
+    return subprocess.Popen(command, cwd=workdir, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT), log
+
+
+def stop_process(proc) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def training_child(stack, experiment: str, alive=lambda: True, log: Path | None = None):
+    """Wait until the experiment's child run has logged training steps; that run."""
+    client = MlflowClient(stack["tracking"])
+    for _ in range(600):
+        assert alive(), log.read_text()[-3000:] if log else "the process ended"
+        runs = [r for r in _runs_in(stack, experiment) if "charlm.architecture" in r.data.tags]
+        if runs and client.get_metric_history(runs[0].info.run_id, "train_loss_step"):
+            return runs[0]
+        time.sleep(0.5)
+    raise AssertionError(log.read_text()[-3000:] if log else "no training step was logged")
+
+
 def _runs_in(stack, experiment="e2e"):
     client = MlflowClient(stack["tracking"])
     exp = client.get_experiment_by_name(experiment)
@@ -342,30 +379,12 @@ def deploy_node_flow(pool: str, name: str) -> None:
 def node_pool(stack, tmp_path_factory):
     """A Prefect process work pool with a real worker (`prefect worker start`) polling it, and the
     DDP node flow deployed to it: the second "machine" of a two-node job, here on loopback."""
-    import subprocess
-    import sys
-
-    from prefect.settings import PREFECT_API_URL
-
     deploy_node_flow("loopback-nodes", "loopback")
-    workdir = tmp_path_factory.mktemp("node-worker")
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1"}
-    log = workdir / "worker.log"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "loopback-nodes", "--type", "process"],
-        cwd=workdir,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    worker, log = process_worker("loopback-nodes", tmp_path_factory.mktemp("node-worker"))
     try:
         yield {"deployment": "charlm-ddp-node/loopback", "log": log}
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker)
 
 
 def test_a_two_node_ddp_job_whose_second_node_comes_from_a_work_pool(stack, node_pool):
@@ -516,15 +535,7 @@ def test_a_killed_pipeline_leaves_failed_runs_and_the_next_one_completes(stack, 
     proc = subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     client = MlflowClient(stack["tracking"])
     try:
-        child = None
-        for _ in range(600):  # until the child run has logged training steps (it is RUNNING meanwhile)
-            assert proc.poll() is None, log.read_text()[-3000:]
-            runs = [r for r in _runs_in(stack, experiment) if "charlm.architecture" in r.data.tags]
-            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss_step"):
-                child = runs[0]
-                break
-            time.sleep(0.5)
-        assert child is not None, log.read_text()[-3000:]
+        child = training_child(stack, experiment, lambda: proc.poll() is None, log)
         assert client.get_run(child.info.run_id).info.status == "RUNNING"  # RUNNING while it trains
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -607,12 +618,7 @@ def test_a_signal_stops_the_pipeline_and_leaves_a_resumable_checkpoint(stack, tm
     proc = subprocess.Popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     client = MlflowClient(stack["tracking"])
     try:
-        for _ in range(600):  # until the child run has logged training steps
-            assert proc.poll() is None, log.read_text()[-3000:]
-            runs = [r for r in _runs_in(stack, experiment) if "charlm.architecture" in r.data.tags]
-            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss_step"):
-                break
-            time.sleep(0.5)
+        training_child(stack, experiment, lambda: proc.poll() is None, log)
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         proc.send_signal(getattr(signal, signame))
         code = proc.wait(timeout=60)  # bounded: the trainings stop at their next step
@@ -646,14 +652,10 @@ def test_a_signal_stops_the_pipeline_and_leaves_a_resumable_checkpoint(stack, tm
 def test_cancelling_a_flow_run_in_prefect_stops_its_training(stack, tmp_path):
     """Prefect's Cancel (the UI's button, `prefect flow-run cancel`): the worker stops the flow run's
     process; its training stops at the next step, its runs end KILLED, the flow run Cancelled."""
-    import subprocess
-    import sys
-
     import psutil
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL
     from prefect.states import Cancelling
 
     from flows.pipeline import charlm_pipeline
@@ -664,31 +666,14 @@ def test_cancelling_a_flow_run_in_prefect_stops_its_training(stack, tmp_path):
     charlm_pipeline.from_source(source=str(root), entrypoint="flows/pipeline.py:charlm_pipeline").deploy(
         name="cancel", work_pool_name="cancel-pool"
     )
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1"}
-    env["PYTHONPATH"] = str(root)
-    log = tmp_path / "worker.log"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cancel-pool", "--type", "process"],
-        cwd=tmp_path,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    worker, log = process_worker("cancel-pool", tmp_path, pythonpath=str(root))
     experiment = "e2e-cancel"
     params = {"corpus_uri": "s3://corpora/long.txt", "preset_name": "tiny", "architectures": ["stateful_lstm"]}
     params |= {"experiment_name": experiment, "s3_endpoint_url": stack["s3_url"], "promote_best": False}
     params |= {"overrides": {"*": {"model.hidden_size": 128}}}
-    client = MlflowClient(stack["tracking"])
     try:
         flow_run = run_deployment("charlm-pipeline/cancel", parameters={"params": params}, timeout=0)
-        child = None
-        for _ in range(600):  # until its training has logged steps
-            runs = [r for r in _runs_in(stack, experiment) if "charlm.architecture" in r.data.tags]
-            if runs and client.get_metric_history(runs[0].info.run_id, "train_loss_step"):
-                child = runs[0]
-                break
-            time.sleep(0.5)
-        assert child is not None, log.read_text()[-3000:]
+        child = training_child(stack, experiment, log=log)
         pid = int(child.data.tags["charlm.pid"])
         with get_client(sync_client=True) as prefect:
             prefect.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the test"), force=True)
@@ -706,8 +691,4 @@ def test_cancelling_a_flow_run_in_prefect_stops_its_training(stack, tmp_path):
         runs = _runs_in(stack, experiment)
         assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.status, r.data.tags) for r in runs]
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_process(worker)
