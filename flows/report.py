@@ -65,7 +65,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     the registry's decision."""
     lines = ["", "charlm pipeline finished", ""]
     header = (
-        f"{'rank':>4} {'architecture':<18} {'candidate':<36} {'val_loss':>9} {'val_bpc':>8} {'params':>9} "
+        f"{'rank':>4} {'architecture':<18} {'candidate':<40} {'val_loss':>9} {'val_bpc':>8} {'params':>9} "
         f"{'epochs':>6} {'train c/s':>9} {'gen c/s':>8}"
     )
     task = None
@@ -74,7 +74,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             task = row["task"]
             lines += [f"task: {task} (vocabulary {row['vocab_size']}, {row['valid_chars']:,} validation chars)", header]
         lines.append(
-            f"{row['rank']:>4} {row['architecture']:<18} {row.get('candidate', ''):<36} {row['best_val_loss']:>9.4f} "
+            f"{row['rank']:>4} {row['architecture']:<18} {row.get('candidate', ''):<40} {row['best_val_loss']:>9.4f} "
             f"{row['best_val_bpc']:>8.4f} {row['parameters']:>9,} {row['epochs']:>6} {row['chars_per_sec']:>9,.0f} "
             f"{row.get('gen_chars_per_sec', 0):>8,.0f}"
         )
