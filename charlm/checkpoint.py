@@ -92,10 +92,16 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return payload
 
 
+def first_line(err: BaseException) -> str:
+    """An error's message, first line only (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _reason(err: Exception) -> str:
     """torch's message, first line only, without its advice to load with ``weights_only=False``
     (which would run arbitrary code from the file)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first_line(err)
     if "weights_only" in first or "Weights only load failed" in first:
         return "it holds objects other than tensors and plain data (not a charlm checkpoint)"
     return f"{type(err).__name__}: {first}"

@@ -419,7 +419,7 @@ def describe_error(err: BaseException, args: argparse.Namespace | None = None) -
     configuration), 1 for what went wrong at run time — or None for a bug (shown in full)."""
     from pydantic import ValidationError
 
-    from charlm.checkpoint import CheckpointError
+    from charlm.checkpoint import CheckpointError, first_line
     from charlm.data import CorpusError
     from charlm.device import DeviceError
     from charlm.job import CheckpointDirError
@@ -437,7 +437,7 @@ def describe_error(err: BaseException, args: argparse.Namespace | None = None) -
         first = str(getattr(err, "message", err)).strip().splitlines()[0]
         return 1, f"MLflow: {first}"
     if isinstance(err, ValueError):
-        return 2, str(err).strip().splitlines()[0]
+        return 2, first_line(err)
     return None
 
 

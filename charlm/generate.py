@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from charlm.checkpoint import CheckpointError, load_checkpoint
+from charlm.checkpoint import CheckpointError, first_line, load_checkpoint
 from charlm.config import RunConfig
 from charlm.data import PAD_INDEX, UNK_INDEX, CorpusError, Vocabulary
 from charlm.device import resolve_device
@@ -49,8 +49,7 @@ class LoadedModel:
         try:
             return cls.from_payload(payload, device)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:  # a readable file with the wrong contents
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{path}: its contents do not make a charlm model: {first}") from None
+            raise CheckpointError(f"{path}: its contents do not make a charlm model: {first_line(err)}") from None
 
     @classmethod
     def from_checkpoints(
@@ -70,8 +69,7 @@ class LoadedModel:
                 return cls.from_payload(combine_payloads(payloads, "average"), device)
             members = [cls.from_payload(p, device) for p in payloads]
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{', '.join(map(str, paths))}: cannot be combined: {first}") from None
+            raise CheckpointError(f"{', '.join(map(str, paths))}: cannot be combined: {first_line(err)}") from None
         if any(m.vocab != members[0].vocab or m.config.model != members[0].config.model for m in members):
             raise CheckpointError(f"{', '.join(map(str, paths))}: snapshots of different models cannot be combined")
         ensemble = SnapshotEnsemble([m.model for m in members]).to(device).eval()

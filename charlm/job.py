@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from charlm import faults, prepared
-from charlm.checkpoint import CheckpointError, load_checkpoint, remove_partial_writes
+from charlm.checkpoint import CheckpointError, first_line, load_checkpoint, remove_partial_writes
 from charlm.config import RunConfig
 from charlm.prepared import PreparedRef, PrepSettings
 from charlm.provenance import fingerprint
@@ -222,17 +222,12 @@ def run_job(job: TrainJob, dist: DistInfo | None = None, *, callbacks: Sequence[
         try:
             trainer.load_state_dict(payload)
         except (KeyError, RuntimeError, ValueError) as err:
-            raise CheckpointError(f"{resume or 'checkpoint'}: cannot resume from it: {_first_line(err)}") from None
+            raise CheckpointError(f"{resume or 'checkpoint'}: cannot resume from it: {first_line(err)}") from None
     fit = trainer.fit(max_steps=job.max_steps)
     if fit.stopped_early:
         trainer.checkpoint()  # last.pt where the run stopped, to resume from
         fit.checkpoints.update(trainer.checkpoints)
     return _result(job, fit, trainer, tracker)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _result(job: TrainJob, fit: FitResult, trainer: Trainer, tracker: Any) -> TrainResult:
