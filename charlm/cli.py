@@ -86,6 +86,8 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"device={args.device}")
     if getattr(args, "seed", None) is not None:
         overrides.append(f"seed={args.seed}")
+    if getattr(args, "precision", None):
+        overrides.append(f"precision={args.precision}")
     return config.override(overrides) if overrides else config
 
 
@@ -145,6 +147,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.device:
             config = config.override({"device": args.device})
             print(f"resuming on device {args.device}", file=sys.stderr)
+        if args.precision:  # a run moved between a GPU and a CPU changes precision with it
+            config = config.override({"precision": args.precision})
     else:
         config = _config_from_args(args)
     job = TrainJob(
@@ -303,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--preset",
             choices=list(PRESETS),
-            help="the notebook's settings, or tiny: seconds on a CPU (default: notebook)",
+            help="notebook: its settings; tiny: seconds on a CPU; awd_sgdr: beyond the notebook (default: notebook)",
         )
         p.add_argument(
             "--set",
@@ -325,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/latest", help="checkpoint directory (default: %(default)s)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--seed", type=int, help="random seed (default: the preset's)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="autocast: auto = bf16/fp16 where the device runs them natively, else fp32 (default: auto)",
+    )
     p.add_argument("--max-steps", type=_count(1), help="stop after this many optimizer steps (and save last.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints in --out")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue a run exactly from a checkpoint")

@@ -9,6 +9,7 @@ its task, ranks are given within a task, and the run's best is taken from its
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ COLUMNS = [
     "parameters",
     "epochs",
     "chars_per_sec",
+    "target_reached",
     "gen_chars_per_sec",
     "wall_time_s",
     "run_id",
@@ -42,7 +44,8 @@ ROUNDING = {"best_val_loss": 4, "best_val_bpc": 4, "chars_per_sec": 0, "gen_char
 def rows_of(result: TrainResult) -> list[dict[str, Any]]:
     """An architecture's lines: its best checkpoint, then each ensemble and weight average of its
     snapshots (their parameters: what inference holds; their speed: greedy generation)."""
-    base = {c: getattr(result, c) for c in COLUMNS if c not in ("rank", "candidate")}
+    base = {c: getattr(result, c) for c in COLUMNS if c not in ("rank", "candidate", "target_reached")}
+    base["target_reached"] = target_reached(result)
     rows = [{**base, "candidate": "best checkpoint"}]
     for c in result.candidates:
         members = len(c["members"])
@@ -106,6 +109,46 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.4f}".rstrip("0").rstrip(".") if value % 1 else f"{value:,.0f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def target_reached(result: TrainResult) -> str:
+    """The lowest quality target the run reached and when: ``≤1.3697 at 95 s`` (empty if none)."""
+    reached = result.time_to_targets
+    if not reached:
+        return ""
+    target = min(reached, key=float)
+    return f"≤{target} at {reached[target]:,.0f} s"
+
+
+def plot_loss_against_time(results: Sequence[TrainResult], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Validation loss against wall-clock seconds, one line per architecture, with the quality
+    targets drawn across: which architecture gets good soonest, not only which ends best."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from charlm.training import QUALITY_TARGETS
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for r in sorted(results, key=lambda r: r.best_val_loss):
+        points = [(t, v) for t, v in zip(r.elapsed_curve, r.val_loss_curve) if math.isfinite(t)]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=f"{r.architecture} ({r.task})")
+    low, high = ax.get_ylim()
+    for target in QUALITY_TARGETS:
+        if low <= target <= high:
+            ax.axhline(target, color="grey", linewidth=0.6, linestyle=":")
+            ax.annotate(f"{target:g}", (1.0, target), xycoords=("axes fraction", "data"), fontsize=6, color="grey")
+    ax.set_xlabel("wall-clock seconds (validation included)")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_title(f"charlm: validation loss against time{' — ' + title if title else ''}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_validation_curves(results: Sequence[TrainResult], path: str | os.PathLike[str], title: str = "") -> Path:

@@ -6,6 +6,7 @@ of the architecture name, looked up by name in :data:`PRESETS`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -23,15 +24,19 @@ class ModelConfig(_Strict):
     embedding_dim: int = Field(42, ge=1)
     hidden_size: int = Field(256, ge=1)
     num_layers: int = Field(1, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="between stacked layers and before the output layer")
+    embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="drop whole characters' embeddings (AWD)")
+    weight_drop: float = Field(0.0, ge=0.0, lt=1.0, description="DropConnect on hidden-to-hidden weights (AWD)")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         arch = get_architecture(self.architecture)
-        if not arch.model_class.supports_layers and (self.num_layers != 1 or self.dropout):
+        regularised = self.dropout or self.embedding_dropout or self.weight_drop
+        if not arch.model_class.supports_layers and (self.num_layers != 1 or regularised):
             raise ValueError(
-                f"{self.architecture} is a single hand-written layer: num_layers must be 1 and dropout 0 "
-                f"(got {self.num_layers}, {self.dropout})"
+                f"{self.architecture} is a single hand-written layer: num_layers must be 1 and dropout, "
+                f"embedding_dropout and weight_drop 0 (got {self.num_layers}, {self.dropout}, "
+                f"{self.embedding_dropout}, {self.weight_drop})"
             )
         return self
 
@@ -40,6 +45,12 @@ class DataConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     context: int = Field(8, ge=1, description="window length, sequence length or bptt, by layout")
     random_bptt: bool = Field(False, description="fastai's randomised bptt length (stream layout only)")
+    fixed_shape: bool = Field(
+        False, description="every training batch the same shape: the ragged last batch of an epoch is dropped"
+    )
+    valid_batch_size: int | None = Field(
+        None, ge=1, description="validation batch (columns of a stream); None: batch_size"
+    )
     lowercase: bool = False
     min_freq: int = Field(1, ge=1)
     valid_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -115,6 +126,14 @@ class RunConfig(_Strict):
         5.0, gt=0, description="also checkpoint last.pt mid-epoch after this many minutes of training (None: off)"
     )
     progress: bool = Field(True, description="show a progress bar when stderr is a terminal")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="autocast: 'auto' is bf16 on a GPU whose RNN kernels run it (else fp16 with a gradient "
+        "scaler) and on a CPU with AVX512-BF16/AMX, fp32 elsewhere; 'fp32' turns it off",
+    )
+    cuda_graph: bool = Field(
+        False, description="capture the whole training step in a CUDA graph (needs data.fixed_shape and one GPU)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -123,6 +142,15 @@ class RunConfig(_Strict):
             raise ValueError(f"char3 reads exactly 3 characters: data.context must be 3, got {self.data.context}")
         if self.data.random_bptt and arch.layout != "stream":
             raise ValueError(f"random_bptt applies to stateful models only, not {self.model.architecture}")
+        if self.data.fixed_shape and self.data.random_bptt:
+            raise ValueError("data.fixed_shape needs a fixed bptt: set data.random_bptt=false")
+        if self.cuda_graph and not self.data.fixed_shape:
+            raise ValueError(
+                "cuda_graph replays one recorded step, so every batch must have its shape: "
+                "set data.fixed_shape=true (and data.random_bptt=false)"
+            )
+        if self.cuda_graph and self.device == "cpu":
+            raise ValueError("cuda_graph needs a CUDA device, not device='cpu'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         return self
@@ -182,6 +210,11 @@ class RunConfig(_Strict):
 
 
 def _parse_scalar(text: str) -> Any:
+    if text[:1] in ("[", "{"):  # a list or a section as JSON: schedule=[{"kind": "sgdr", "lr": 0.003, …}]
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"override value {text!r}: not valid JSON ({err.msg} at column {err.colno})") from None
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -295,7 +328,71 @@ def tiny(architecture: str) -> RunConfig:
     )
 
 
-PRESETS: dict[str, Callable[[str], RunConfig]] = {"notebook": notebook, "tiny": tiny}
+def awd_sgdr(architecture: str) -> RunConfig:
+    """The notebook's best LSTM figure (1.2524) and below, for the stateful models, chosen by
+    measurement on a 2-core CPU (``bench/time_to_quality.py --lstm-only``; the README quotes the
+    figures): the notebook's task and validation, the notebook's 2 × 512 LSTM regularised where
+    AWD-LSTM puts it (embedding dropout, dropout between the layers and before the output,
+    weight-drop on the hidden-to-hidden matrices), a fixed bptt of 32 (one batch shape: CUDA-graph
+    ready) on 32 columns, Adam at 3e-3 with clipping, one epoch at 3e-3 and then SGDR cycles of
+    1, 2, 4 and 8 epochs (16 in all), whose cycle snapshots the pipeline ensembles.
+
+    The other stateful models get the same recipe at their notebook sizes (a hand-written cell
+    without the dropouts); only the LSTM's was measured.
+    """
+    base = _stateful_base("awd_sgdr", architecture)
+    regularise = {"dropout": 0.15, "embedding_dropout": 0.02, "weight_drop": 0.15}
+    model = base.model.model_copy(update=regularise) if _layered(architecture) else base.model
+    return RunConfig(
+        model=model,
+        data=base.data.model_copy(update={"batch_size": 32, "context": 32}),
+        optim=OptimConfig(weight_decay=1e-6, grad_clip=0.5),
+        schedule=(Phase.constant(3e-3, 1), Phase.sgdr(3e-3, cycles=4, cycle_len=1, cycle_mult=2)),
+    )
+
+
+def _layered(architecture: str) -> bool:
+    return get_architecture(architecture).model_class.supports_layers
+
+
+def short_sgdr(architecture: str) -> RunConfig:
+    """The notebook GRU's quality (1.3697) in the least wall time, for the stateful models, chosen
+    by measurement on a 2-core CPU (``bench/time_to_quality.py``): a wider model than the notebook's
+    GRU, no dropout (too few epochs to overfit), a fixed bptt of 16, Adam at 4e-3 with clipping, and a
+    schedule two or three epochs long that ends on a cosine to zero.
+
+    * ``stateful_lstm`` — one layer of 512: one epoch at 4e-3, then one cosine epoch;
+    * ``stateful_gru`` (and the other stateful models) — hidden 384, one cosine cycle of 3 epochs.
+    """
+    base = _stateful_base("short_sgdr", architecture)
+    data = base.data.model_copy(update={"batch_size": 64, "context": 16})
+    optim = OptimConfig(grad_clip=0.5)
+    if architecture == "stateful_lstm":
+        model = base.model.model_copy(update={"hidden_size": 512, "num_layers": 1, "dropout": 0.0})
+        schedule: tuple[Phase, ...] = (Phase.constant(4e-3, 1), Phase.sgdr(4e-3, cycles=1, cycle_len=1))
+    else:
+        model = base.model.model_copy(update={"hidden_size": 384})
+        schedule = (Phase.sgdr(4e-3, cycles=1, cycle_len=3),)
+    return RunConfig(model=model, data=data, optim=optim, schedule=schedule)
+
+
+def _stateful_base(name: str, architecture: str) -> RunConfig:
+    """The notebook's config of a stateful model on its task, with a fixed bptt (one batch shape:
+    CUDA-graph ready) and validation measured with the notebook's 64 columns."""
+    if get_architecture(architecture).layout != "stream":
+        stateful = ", ".join(n for n in _NOTEBOOK if get_architecture(n).layout == "stream")
+        raise ValueError(f"preset {name} is for the stateful architectures ({stateful}), not {architecture}")
+    base = notebook(architecture)
+    data = base.data.model_copy(update={"random_bptt": False, "fixed_shape": True, "valid_batch_size": 64})
+    return base.model_copy(update={"data": data})
+
+
+PRESETS: dict[str, Callable[[str], RunConfig]] = {
+    "notebook": notebook,
+    "tiny": tiny,
+    "awd_sgdr": awd_sgdr,
+    "short_sgdr": short_sgdr,
+}
 
 
 def preset(name: str, architecture: str) -> RunConfig:

@@ -263,6 +263,7 @@ class Layout:
         rank: int = 0,
         world_size: int = 1,
         even: bool = True,
+        fixed_shape: bool = False,
     ) -> None:
         if tokens.dim() != 1:
             raise ValueError(f"{name}: expected a 1-D token tensor, got shape {tuple(tokens.shape)}")
@@ -277,6 +278,7 @@ class Layout:
         self.rank = rank
         self.world_size = world_size
         self.even = even  # every rank the same number of batches (training); False for evaluation
+        self.fixed_shape = fixed_shape  # drop an epoch's ragged last batch (one shape for a CUDA graph)
 
     def plan(self, epoch: int, seed: int, shuffle: bool) -> list[Any]:  # pragma: no cover - abstract
         """The epoch's batches as cheap descriptors (pure function of ``seed`` and ``epoch``)."""
@@ -317,6 +319,11 @@ class _IndexedLayout(Layout):
                 f"{self.name}: {tokens.numel()} characters give {total} examples of {self.context} characters, "
                 f"too few for {self.world_size} rank(s)"
             )
+        if self.fixed_shape and self.even and total < self.batch_size:
+            raise CorpusError(
+                f"{self.name}: {total} examples are fewer than one batch of {self.batch_size} (data.fixed_shape "
+                "drops the ragged last batch, so no step would be left)"
+            )
         self.dropped_per_epoch = (total % self.batch_size) % self.world_size if self.even else 0
 
     def num_examples(self) -> int:  # pragma: no cover - abstract
@@ -325,10 +332,13 @@ class _IndexedLayout(Layout):
     def plan(self, epoch: int, seed: int, shuffle: bool) -> list[torch.Tensor]:
         total = self.num_examples()
         order = torch.randperm(total, generator=_epoch_generator(seed, epoch)) if shuffle else torch.arange(total)
+        order = order.to(self.tokens.device)  # one copy an epoch; batches are then gathered on the device
         if not self.even:  # evaluation: every example exactly once, shares may differ by one
             return list(torch.split(order[self.rank :: self.world_size], self.batch_size))
         shares = []
         for chunk in torch.split(order, self.batch_size):
+            if self.fixed_shape and chunk.numel() < self.batch_size:
+                break
             share = chunk.numel() // self.world_size
             if share:
                 shares.append(chunk[self.rank * share : (self.rank + 1) * share])
@@ -378,10 +388,11 @@ class StreamLayout(Layout):
             )
         self.random_bptt = random_bptt
         self.column_length = tokens.numel() // self.batch_size
-        if self.column_length < 2:
+        need = self.context + 1 if self.fixed_shape else 2  # fixed shape: one whole bptt span per column
+        if self.column_length < need:
             raise CorpusError(
                 f"{self.name}: {tokens.numel()} characters are too few for {self.batch_size} columns "
-                f"(need at least {2 * self.batch_size})"
+                f"(need at least {need * self.batch_size}{' for data.fixed_shape' if self.fixed_shape else ''})"
             )
         self.dropped_tail = tokens.numel() - self.column_length * self.batch_size
         rows = self.batch_size // self.world_size
@@ -397,6 +408,8 @@ class StreamLayout(Layout):
                 base = self.context if torch.rand((), generator=gen) < 0.95 else self.context / 2
                 length = max(5, int(float(torch.normal(float(base), 5.0, (), generator=gen))))  # int(), as fastai
             length = min(length, last - start)
+            if self.fixed_shape and length < self.context:
+                break
             spans.append((start, length))
             start += length
         return spans
@@ -424,6 +437,7 @@ def make_layout(
     rank: int = 0,
     world_size: int = 1,
     even: bool = True,
+    fixed_shape: bool = False,
 ) -> Layout:
     try:
         cls = LAYOUTS[kind]
@@ -431,5 +445,13 @@ def make_layout(
         raise ValueError(f"unknown layout {kind!r}; known: {', '.join(LAYOUTS)}") from None
     extra = {"random_bptt": random_bptt} if cls is StreamLayout else {}
     return cls(
-        tokens, batch_size=batch_size, context=context, name=name, rank=rank, world_size=world_size, even=even, **extra
+        tokens,
+        batch_size=batch_size,
+        context=context,
+        name=name,
+        rank=rank,
+        world_size=world_size,
+        even=even,
+        fixed_shape=fixed_shape,
+        **extra,
     )

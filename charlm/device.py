@@ -14,7 +14,8 @@ In a DDP job, local rank ``r`` takes the ``r``-th of the GPUs allotted to the jo
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from typing import Any, Literal
 
 import torch
 
@@ -79,3 +80,78 @@ def processes_per_node(requested: str, devices: list[int] | None, backend: str =
     if backend != "gloo" and uses_cuda(requested) and torch.cuda.is_available():
         return torch.cuda.device_count()
     return 1
+
+
+# --------------------------------------------------------------------------- precision
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PrecisionError(DeviceError):
+    """A precision this device cannot train in; the message names the request and the device."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPUs on which bf16 matrix work is faster than fp32. (Without them
+    oneDNN emulates bf16: the GRU ran ~15x slower here and its LSTM refused bf16 altogether.)"""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def _trains_in(dtype: torch.dtype, device: torch.device, cell: type[torch.nn.Module]) -> bool:
+    """Whether this build's kernels for ``cell`` (cuDNN's or oneDNN's fused RNNs, or a linear layer)
+    run forward and backward under autocast to ``dtype``: a two-character probe, not a version table."""
+    make: Any = cell  # nn.LSTM/GRU/RNN(input, hidden, …) or nn.Linear(in, out)
+    probe = (make(4, 8, batch_first=True) if issubclass(cell, torch.nn.RNNBase) else make(4, 8)).to(device)
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            out = probe(torch.zeros(1, 2, 4, device=device))
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+def resolve_precision(requested: str, device: torch.device, cell: type[torch.nn.Module] = torch.nn.LSTM) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: what a model trains in on ``device`` for ``requested``.
+
+    ``auto``: on a GPU, bf16 when its RNN kernels run in bf16, else fp16 (with a gradient
+    scaler), else fp32; on a CPU, bf16 only where it is native (:func:`cpu_has_native_bf16`),
+    else fp32. An explicit request the device cannot honour for ``cell`` (the model's recurrent
+    layer) raises :class:`PrecisionError`; explicit bf16 on a CPU without native bf16 is honoured
+    where it runs at all, with a warning that it is emulated and slow.
+    Weights, the loss and the optimizer state stay fp32 in every mode (autocast).
+    """
+    if requested not in ("auto", "fp32", "bf16", "fp16"):
+        raise PrecisionError(f"precision {requested!r}: expected auto, fp32, bf16 or fp16")
+    if requested == "fp32":
+        return "fp32"
+    if device.type == "cuda":
+        candidates = ["bf16", "fp16"] if requested == "auto" else [requested]
+        for name in candidates:
+            if _trains_in(_DTYPES[name], device, cell):
+                return name
+        if requested == "auto":
+            return "fp32"
+        raise PrecisionError(f"precision {requested!r}: this GPU's cuDNN build does not train RNNs in {requested}")
+    if requested == "fp16":
+        raise PrecisionError("precision 'fp16' is for CUDA devices; on the CPU use bf16 (where native) or fp32")
+    if requested == "auto":
+        return "bf16" if cpu_has_native_bf16() and _trains_in(torch.bfloat16, device, cell) else "fp32"
+    if cpu_has_native_bf16():
+        return "bf16"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not _trains_in(torch.bfloat16, device, cell):
+        raise PrecisionError(
+            f"precision 'bf16': this CPU ({capability}, no AVX512-BF16 or AMX) cannot train a {cell.__name__} "
+            "in bf16; use precision=fp32 (or auto, which picks bf16 only where it is native)"
+        )
+    logging.getLogger(__name__).warning(
+        "precision bf16 on a CPU without AVX512-BF16 or AMX (%s): emulated, many times slower than fp32", capability
+    )
+    return "bf16"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision (None: fp32, autocast off)."""
+    return _DTYPES.get(precision)

@@ -27,7 +27,7 @@ from charlm.checkpoint import CheckpointError, first_line, load_checkpoint, remo
 from charlm.config import RunConfig
 from charlm.prepared import PreparedRef, PrepSettings
 from charlm.provenance import fingerprint
-from charlm.training import Callback, DistInfo, EpochLogger, FitResult, Trainer, bits_per_char
+from charlm.training import Callback, DistInfo, EpochLogger, FitResult, Trainer, bits_per_char, time_to_targets
 
 RESUME_LAST = "last"  # TrainJob.resume: continue from checkpoint_dir/last.pt when there is one
 
@@ -144,6 +144,18 @@ class TrainResult(BaseModel):
     @property
     def val_loss_curve(self) -> list[float]:
         return [h["val_loss"] for h in self.history]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def elapsed_curve(self) -> list[float]:
+        """Wall-clock seconds at the end of each epoch (validation included)."""
+        return [h.get("elapsed_s", math.nan) for h in self.history]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def time_to_targets(self) -> dict[str, float]:
+        """Seconds to first reach each of :data:`charlm.training.QUALITY_TARGETS` (reached ones only)."""
+        return time_to_targets(self.history)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -13,6 +13,7 @@ Nothing outside this module looks at an architecture's name.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -129,7 +130,15 @@ class CharLoopConcatModel(CharModel):
 
 
 class _RecurrentModel(CharModel):
-    """Embedding → ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (batch-first) → dropout → linear."""
+    """Embedding → ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (batch-first) → dropout → linear.
+
+    Regularisation where AWD-LSTM puts it (Merity et al. 2017, salesforce/awd-lstm-lm):
+    ``embedding_dropout`` drops whole characters' embedding rows (``embedded_dropout``),
+    ``dropout`` acts between stacked layers and before the output layer, and
+    ``weight_drop`` is DropConnect on every hidden-to-hidden matrix — one mask per forward
+    pass, shared by every time step, so the recurrence is regularised without touching the
+    fused RNN kernel (the masked matrix is handed to ``nn.RNNBase`` in place of its own).
+    """
 
     cell: ClassVar[Callable[..., nn.RNNBase]] = nn.RNN
     supports_layers = True
@@ -141,25 +150,54 @@ class _RecurrentModel(CharModel):
         hidden_size: int,
         num_layers: int = 1,
         dropout: float = 0.0,
+        embedding_dropout: float = 0.0,
+        weight_drop: float = 0.0,
         **_: object,
     ) -> None:
         super().__init__()
         self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.embedding_dropout, self.weight_drop = embedding_dropout, weight_drop
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.rnn = self.cell(
             embedding_dim, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
         )
+        if weight_drop:  # the raw matrices become ``weight_hh_lK_raw``; ``weight_hh_lK`` is set per forward
+            for name in self._dropped_weights:
+                raw = self.rnn._parameters.pop(name)
+                assert raw is not None
+                self.rnn.register_parameter(f"{name}_raw", raw)
+                setattr(self.rnn, name, raw.detach())
         self.dropout = nn.Dropout(dropout)
         self.output_layer = nn.Linear(hidden_size, vocab_size)
+
+    @property
+    def _dropped_weights(self) -> list[str]:
+        return [f"weight_hh_l{layer}" for layer in range(self.num_layers)]
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
         zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device)
         return (zeros, zeros.clone()) if self.cell is nn.LSTM else zeros
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        weight = self.embedding.weight
+        if self.training and self.embedding_dropout:
+            keep = 1.0 - self.embedding_dropout
+            mask = weight.new_empty((weight.shape[0], 1)).bernoulli_(keep) / keep
+            weight = weight * mask
+        return F.embedding(tokens, weight)
+
     def run(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device)
-        outputs, state = self.rnn(self.embedding(tokens), state)  # (B, T, H)
+        if self.weight_drop:  # nn.RNNBase.__setattr__ puts the masked matrix into its flat weights
+            for name in self._dropped_weights:
+                raw = getattr(self.rnn, f"{name}_raw")
+                # (a view in eval mode: handing nn.Module the Parameter itself would register it twice)
+                masked = F.dropout(raw, self.weight_drop, True) if self.training else raw.view_as(raw)
+                setattr(self.rnn, name, masked)
+        with warnings.catch_warnings():  # cuDNN: masked weights are not one contiguous chunk (by design)
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+            outputs, state = self.rnn(self.embed(tokens), state)  # (B, T, H)
         return self.output_layer(self.dropout(outputs)), state  # (B, T, V)
 
 
@@ -301,11 +339,25 @@ def get_architecture(name: str) -> Architecture:
 
 
 def build_model(
-    name: str, vocab_size: int, *, embedding_dim: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0
+    name: str,
+    vocab_size: int,
+    *,
+    embedding_dim: int,
+    hidden_size: int,
+    num_layers: int = 1,
+    dropout: float = 0.0,
+    embedding_dropout: float = 0.0,
+    weight_drop: float = 0.0,
 ) -> CharModel:
     arch = get_architecture(name)
     return arch.model_class(
-        vocab_size, embedding_dim=embedding_dim, hidden_size=hidden_size, num_layers=num_layers, dropout=dropout
+        vocab_size,
+        embedding_dim=embedding_dim,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        dropout=dropout,
+        embedding_dropout=embedding_dropout,
+        weight_drop=weight_drop,
     )
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from charlm.candidates import generation_speed, snapshot_candidates
 from charlm.generate import LoadedModel
-from charlm.training import Callback, DistInfo, FitResult, Trainer
+from charlm.training import QUALITY_TARGETS, Callback, DistInfo, FitResult, Trainer, time_to_targets
 
 # Explicit requirements keep log_model from inferring them (seconds per call).
 PIP_REQUIREMENTS = ["charlm", "torch", "numpy", "pydantic", "pandas"]
@@ -178,8 +178,10 @@ class MLflowTracker(Callback):
         client: MlflowClient | None = None,
         log_snapshots: bool = True,
         model_tags: dict[str, str] | None = None,
+        targets: Sequence[float] = QUALITY_TARGETS,
     ) -> None:
         self.run_id = run_id
+        self.targets = tuple(targets)  # validation losses whose time to reach is logged
         self.client = client or MlflowClient()
         self.log_snapshots = log_snapshots
         self.model_tags = model_tags or {}  # on every logged model (task, fingerprint, corpus)
@@ -214,6 +216,8 @@ class MLflowTracker(Callback):
         params["parameters"] = str(trainer.parameters)
         params["vocab_size"] = str(len(trainer.vocab))
         params["device"] = str(trainer.device)
+        params["precision"] = trainer.precision  # what `auto` resolved to on this device
+        params["cuda_graph"] = str(trainer.config.cuda_graph)
         params["world_size"] = str(trainer.dist.world_size)
         from mlflow.entities import Param
 
@@ -235,8 +239,14 @@ class MLflowTracker(Callback):
         if epoch + 1 <= self._logged_epoch:
             return
         now = _now_ms()
-        names = ("train_loss", "train_bpc", "val_loss", "val_bpc", "val_accuracy", "chars_per_sec")
-        self.client.log_batch(self.run_id, metrics=[Metric(n, float(metrics[n]), now, epoch + 1) for n in names])
+        names = ("train_loss", "train_bpc", "val_loss", "val_bpc", "val_accuracy", "chars_per_sec", "elapsed_s")
+        batch = [Metric(n, float(metrics[n]), now, epoch + 1) for n in names if n in metrics]
+        # Time to quality: the wall-clock seconds at which this run first reached each target, once.
+        before = time_to_targets(trainer.history[:-1], self.targets)
+        for target, seconds in time_to_targets(trainer.history, self.targets).items():
+            if target not in before:
+                batch.append(Metric(f"time_to_val_loss_{target}_s", float(seconds), now, epoch + 1))
+        self.client.log_batch(self.run_id, metrics=batch)
 
     def on_checkpoint(self, trainer: Trainer, kind: str, path: Path, metrics: dict[str, float]) -> None:
         if kind in ("last", "best"):

@@ -25,8 +25,9 @@ from torch import nn
 from charlm import stopping
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import RunConfig
+from charlm.cudagraph import GraphedStep
 from charlm.data import PAD_INDEX, Layout, PreparedCorpus, make_layout
-from charlm.device import resolve_device
+from charlm.device import DeviceError, PrecisionError, autocast_dtype, resolve_device, resolve_precision
 from charlm.models import CharModel, State, build_model, count_parameters, get_architecture, map_state
 from charlm.schedule import Schedule
 
@@ -44,9 +45,40 @@ def char_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mea
     )
 
 
+# Validation losses at which each run records the wall-clock seconds it first reached them
+# (``time_to_val_loss_<target>_s``): round marks, and the notebook's GRU (1.3697) and best LSTM (1.2524).
+QUALITY_TARGETS = (1.5, 1.4, 1.3697, 1.3, 1.2524)
+
+
+def time_to_targets(
+    history: Sequence[dict[str, float]], targets: Sequence[float] = QUALITY_TARGETS
+) -> dict[str, float]:
+    """``{"1.3697": seconds}``: the elapsed wall time of the first epoch whose validation loss
+    reached each target (targets never reached are absent)."""
+    reached: dict[str, float] = {}
+    for target in targets:
+        for h in history:
+            if "elapsed_s" in h and h["val_loss"] <= target:
+                reached[f"{target:g}"] = h["elapsed_s"]
+                break
+    return reached
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to ``dtype`` on ``device`` (off when ``dtype`` is None: fp32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 @torch.no_grad()
-def evaluate(module: CharModel, layout: Layout, device: torch.device, all_reduce: bool = False) -> dict[str, float]:
-    """Loss (nats/char), bits/char and accuracy of ``module`` over every batch of ``layout``."""
+def evaluate(
+    module: CharModel,
+    layout: Layout,
+    device: torch.device,
+    all_reduce: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Loss (nats/char), bits/char and accuracy of ``module`` over every batch of ``layout``
+    (the forward pass autocast to ``amp_dtype`` when given; the loss in fp32)."""
     was_training = module.training
     module.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
@@ -54,7 +86,9 @@ def evaluate(module: CharModel, layout: Layout, device: torch.device, all_reduce
     for inputs, targets in layout.iterate(shuffle=False):
         inputs, targets = inputs.to(device), targets.to(device)
         state = module.carry_state(state, inputs.shape[0], device)
-        logits, state = module(inputs, state)
+        with autocast(device, amp_dtype):
+            logits, state = module(inputs, state)
+        logits = logits.float()
         sums[0] += char_loss(logits, targets, "sum").double()
         sums[1] += (logits.argmax(-1) == targets).sum()
         sums[2] += targets.numel()
@@ -137,10 +171,11 @@ class EpochLogger(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         self._started, self._first_epoch = time.perf_counter(), trainer.epoch
         self.log.info(
-            "%s: %s parameters on %s, %d epochs%s",
+            "%s: %s parameters on %s (%s), %d epochs%s",
             trainer.config.architecture,
             f"{trainer.parameters:,}",
             trainer.device,
+            trainer.precision,
             trainer.schedule.total_epochs,
             f", resuming at epoch {trainer.epoch + 1}" if trainer.step else "",
         )
@@ -225,44 +260,69 @@ class Trainer:
         self.schedule = Schedule(config.schedule)
         data = config.data
         rank, world_size = self.dist.rank, self.dist.world_size
+        cuda = self.device.type == "cuda"
+        if config.cuda_graph and not cuda:
+            raise DeviceError(f"cuda_graph needs a CUDA device; this run is on {self.device}")
+        if config.cuda_graph and world_size > 1:
+            raise ValueError("cuda_graph is for a single-GPU run; a DDP job runs its steps eagerly")
+        # The prepared corpus (a few hundred KB) lives on the device: every batch is a slice there.
         self.train_layout: Layout = make_layout(
             self.arch.layout,
-            corpus.train,
+            corpus.train.to(self.device),
             batch_size=data.batch_size,
             context=data.context,
             random_bptt=data.random_bptt,
             name="training split",
             rank=rank,
             world_size=world_size,
+            fixed_shape=data.fixed_shape,
         )
         self.valid_layout: Layout = make_layout(
             self.arch.layout,
-            corpus.valid,
-            batch_size=data.batch_size,
+            corpus.valid.to(self.device),
+            batch_size=data.valid_batch_size or data.batch_size,
             context=data.context,
             name="validation split",
             even=False,
             rank=rank,
             world_size=world_size,
         )
+        if cuda and data.fixed_shape:
+            torch.backends.cudnn.benchmark = True  # one shape: the autotuned kernels are chosen once
 
         torch.manual_seed(config.seed)  # same initial weights on every rank
         self.module: CharModel = build_model(
             config.architecture, len(self.vocab), **config.model.model_dump(exclude={"architecture"})
         ).to(self.device)
+        rnn = getattr(self.module, "rnn", None)
+        self.precision = resolve_precision(
+            config.precision, self.device, type(rnn) if isinstance(rnn, nn.RNNBase) else nn.Linear
+        )
+        self.amp_dtype = autocast_dtype(self.precision)
+        if config.cuda_graph and self.precision == "fp16":
+            raise PrecisionError("cuda_graph with fp16 (a dynamic gradient scaler): set precision=bf16 or fp32")
+        # fp16 needs loss scaling; a fused optimizer takes the scale and the inf check on the GPU (no sync).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.model: nn.Module = self.module
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
+            ids = [self.device.index] if cuda else None
             self.model = DistributedDataParallel(self.module, device_ids=ids)
         torch.manual_seed(config.seed + self.dist.rank)  # per-rank dropout streams
+        lr0 = self.schedule.lr(0.0)
+        fast: dict[str, Any] = {}
+        if config.cuda_graph:  # a graph replays the optimizer too: its step count and lr live on the GPU
+            fast = {"capturable": True, "foreach": True, "lr": torch.tensor(lr0, device=self.device)}
+        elif cuda:
+            fast = {"fused": True}
         self.optimizer = torch.optim.Adam(
             self.module.parameters(),
-            lr=self.schedule.lr(0.0),
+            **{"lr": lr0, **fast},
             betas=config.optim.betas,
             weight_decay=config.optim.weight_decay,
         )
+        self._graphed: GraphedStep | None = GraphedStep(self) if config.cuda_graph else None
         self.callbacks = [c for c in callbacks if self.dist.is_main or c.all_ranks]
         self._progress = _ProgressBar() if config.progress and self.dist.is_main and sys.stderr.isatty() else None
 
@@ -275,6 +335,7 @@ class Trainer:
         self._chars, self._train_seconds = 0, 0.0
         self.checkpoints: dict[str, str] = {}
         self._last_write = time.monotonic()  # for checkpoint_minutes
+        self._elapsed_base, self._fit_started = 0.0, time.perf_counter()  # wall time across resumes
 
     # ------------------------------------------------------------------ metrics
 
@@ -284,7 +345,45 @@ class Trainer:
 
     def evaluate(self, layout: Layout | None = None) -> dict[str, float]:
         """Validation metrics over the whole validation split, summed across ranks."""
-        return evaluate(self.module, layout or self.valid_layout, self.device, self.dist.world_size > 1)
+        return evaluate(self.module, layout or self.valid_layout, self.device, self.dist.world_size > 1, self.amp_dtype)
+
+    @property
+    def elapsed(self) -> float:
+        """Wall-clock seconds this training has run (validation and checkpoints included; a resumed
+        run continues its checkpoint's count)."""
+        return self._elapsed_base + time.perf_counter() - self._fit_started
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)  # on the device: no host round trip
+            else:
+                group["lr"] = lr
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on one batch; the loss, still on the device (no sync)."""
+        if self._graphed is not None:
+            return self._graphed(inputs, targets)
+        return self.eager_step(inputs, targets)
+
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The forward pass under autocast, and the loss in fp32 whatever the forward ran in."""
+        with autocast(self.device, self.amp_dtype):
+            logits, state = self.model(inputs, state)
+        return char_loss(logits.float(), targets), state
+
+    def eager_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        module, optimizer, clip = self.module, self.optimizer, self.config.optim.grad_clip
+        self.state = module.carry_state(self.state, inputs.shape[0], self.device)
+        loss, self.state = self.forward_loss(inputs, targets, self.state)
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        if clip is not None:
+            self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(module.parameters(), clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return loss.detach()
 
     # ------------------------------------------------------------------ training
 
@@ -294,7 +393,7 @@ class Trainer:
 
     def fit(self, max_steps: int | None = None) -> FitResult:
         """Train to the end of the schedule (or stop after ``max_steps`` total steps)."""
-        started = time.perf_counter()
+        started = self._fit_started = time.perf_counter()
         self._call("on_fit_start")
         if self._progress:
             self.callbacks.append(self._progress)
@@ -332,36 +431,23 @@ class Trainer:
             self.state = None  # a fresh hidden state each epoch (fastai's model.reset())
         if self._progress:
             self._progress.start_epoch(epoch, len(plan), self.batch)
-        model, module, optimizer, device = self.model, self.module, self.optimizer, self.device
-        clip, log_every = self.config.optim.grad_clip, self.config.log_every
+        device, log_every = self.device, self.config.log_every
         layout, lr_at = self.train_layout, self.schedule.lr
         tick = time.perf_counter()
         for index in range(self.batch, len(plan)):
-            item = plan[index]
-            inputs, targets = layout.batch(item)
-            inputs = inputs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            lr = lr_at(epoch + (layout.progress(plan, index - 1) if index else 0.0))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            self.state = module.carry_state(self.state, inputs.shape[0], device)
-            logits, self.state = model(inputs, self.state)
-            loss = char_loss(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            if clip is not None:
-                nn.utils.clip_grad_norm_(module.parameters(), clip)
-            optimizer.step()
+            inputs, targets = layout.batch(plan[index])  # slices of the device-resident corpus
+            self.set_lr(lr_at(epoch + (layout.progress(plan, index - 1) if index else 0.0)))
+            loss = self.train_step(inputs, targets)
 
             self.step += 1
             self.batch = index + 1
             count = targets.numel()
-            self._loss_sum += loss.detach() * count
+            self._loss_sum += loss * count
             self._chars += count
             if self._progress:
                 self._progress.advance()
             if self.step % log_every == 0 and self.callbacks:
-                self._call("on_step_end", self.step, loss.item(), lr)
+                self._call("on_step_end", self.step, loss.item(), self.lr)
             every = self.config.checkpoint_every
             due = every and self.step % every == 0
             if self.step % log_every == 0 and not due:  # a stop or a restart loses minutes, not an epoch
@@ -381,6 +467,10 @@ class Trainer:
         self._train_seconds += time.perf_counter() - tick
         self._end_epoch()
         return True
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def _checkpoint_is_due(self) -> bool:
         """``checkpoint_minutes`` of training since the last write (every rank agrees: rank 0's clock)."""
@@ -418,8 +508,9 @@ class Trainer:
             "train_bpc": bits_per_char(train_loss),
             **self.evaluate(),
             "chars_per_sec": chars / max(self._train_seconds, 1e-9),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.lr,
             "step": self.step,
+            "elapsed_s": self.elapsed,
         }
         self.history.append(metrics)
         self.epoch, self.batch = epoch + 1, 0
@@ -452,7 +543,8 @@ class Trainer:
             "vocab": self.vocab.to_dict(),
             "model": self.module.state_dict(),  # the plain module, never the DDP wrapper
             "optimizer": self.optimizer.state_dict(),
-            "progress": {"step": self.step, "epoch": self.epoch, "batch": self.batch},
+            "progress": {"step": self.step, "epoch": self.epoch, "batch": self.batch, "elapsed_s": self.elapsed},
+            "scaler": self.scaler.state_dict(),
             "state": map_state(self.state, lambda s: s.detach().cpu()),
             "epoch_sums": {
                 "loss_sum": float(self._loss_sum),
@@ -497,6 +589,9 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         progress = payload["progress"]
         self.step, self.epoch, self.batch = progress["step"], progress["epoch"], progress["batch"]
+        self._elapsed_base, self._fit_started = progress.get("elapsed_s", 0.0), time.perf_counter()
+        if payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
         single = self.dist.world_size == 1 and payload.get("world_size", 1) == 1
         # The carried hidden state is rank 0's; in a distributed run every rank restarts its rows from zero.
         self.state = map_state(payload["state"], lambda s: s.to(self.device)) if single and self.batch else None

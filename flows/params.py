@@ -37,8 +37,10 @@ class PipelineParams(BaseModel):
     architectures: list[str] = option(
         lambda: list(ARCHITECTURES), "architectures to train (default: all ten)", flag="--arch", min_length=1
     )
-    preset_name: Literal["notebook", "tiny"] = option(
-        "notebook", "settings preset of every architecture", flag="--preset"
+    preset_name: Literal["notebook", "tiny", "awd_sgdr"] = option(
+        "notebook",
+        "settings preset of every architecture (awd_sgdr: the stateful ones only, beyond the notebook)",
+        flag="--preset",
     )
     overrides: dict[str, dict[str, Any]] = option(
         dict,

@@ -118,13 +118,15 @@ def compare_architectures(
     results: list[TrainResult], parent_run_id: str, output_dir: str, primary_task: str, title: str
 ) -> list[dict[str, Any]]:
     """The table, ranked within each task (Prefect artifact, CSV, the parent run's description),
-    and the validation curves, on the parent run."""
+    and the validation curves against epochs and against wall-clock time, on the parent run."""
     table = compare.comparison_table(results, primary_task)
-    csv_path, png_path = Path(output_dir) / "comparison.csv", Path(output_dir) / "val_loss_curves.png"
+    out = Path(output_dir)
+    csv_path, png_path, time_path = out / "comparison.csv", out / "val_loss_curves.png", out / "val_loss_vs_time.png"
     compare.rounded(table).to_csv(csv_path, index=False)
     compare.plot_validation_curves(results, png_path, title)
+    compare.plot_loss_against_time(results, time_path, title)
     client = MlflowClient()
-    for path in (csv_path, png_path):
+    for path in (csv_path, png_path, time_path):
         client.log_artifact(parent_run_id, str(path), artifact_path="comparison")
     description = f"**{title}** — ranked within each task; the best of *{primary_task}* is promoted.\n\n"
     client.set_tag(parent_run_id, "mlflow.note.content", description + compare.markdown(table))

@@ -123,9 +123,20 @@ def test_metrics_at_steps_and_artifacts_in_s3(stack, first_run):
     assert any(k.endswith("checkpoints/best.pt") for k in keys)
     assert any(k.endswith("data/vocab.json") for k in keys)
     parent_files = {a.path for a in client.list_artifacts(first_run["parent_run_id"], "comparison")}
-    assert parent_files == {"comparison/comparison.csv", "comparison/val_loss_curves.png"}
-    local = Path(client.download_artifacts(first_run["parent_run_id"], "comparison/val_loss_curves.png"))
-    assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert parent_files == {
+        "comparison/comparison.csv",
+        "comparison/val_loss_curves.png",
+        "comparison/val_loss_vs_time.png",
+    }
+    for name in ("val_loss_curves.png", "val_loss_vs_time.png"):
+        local = Path(client.download_artifacts(first_run["parent_run_id"], f"comparison/{name}"))
+        assert local.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for result in first_run["results"]:  # time to quality: per epoch, and the targets the run reached
+        elapsed = [m.value for m in client.get_metric_history(result["run_id"], "elapsed_s")]
+        assert len(elapsed) == 3 and elapsed == sorted(elapsed) and elapsed[0] > 0
+        for target, seconds in result["time_to_targets"].items():
+            logged = client.get_metric_history(result["run_id"], f"time_to_val_loss_{target}_s")
+            assert [m.value for m in logged] == pytest.approx([seconds])
 
 
 def test_cycle_snapshots_are_logged_models(stack, first_run):

@@ -55,7 +55,9 @@ def test_identity_initialisation():
 def _resume_config(architecture: str) -> RunConfig:
     config = tiny(architecture)
     if config.model.architecture == "stateful_lstm":  # dropout and random bptt make it the hard case
-        config = config.override({"model.num_layers": 2, "model.dropout": 0.3})
+        config = config.override(  # AWD's dropouts too: embedding rows and DropConnect on the recurrence
+            {"model.num_layers": 2, "model.dropout": 0.3, "model.embedding_dropout": 0.1, "model.weight_drop": 0.3}
+        )
     return config
 
 

@@ -1,0 +1,115 @@
+"""Where an epoch's time goes, beside the optimiser steps themselves, measured in one run.
+
+    python bench/step_costs.py                          # notebook GRU, notebook LSTM, awd_sgdr LSTM
+    python bench/step_costs.py --only stateful_gru:notebook --steps 100
+
+For each configuration, on the real corpus:
+
+* **steps** — forward, backward, clipping and Adam (``Trainer.train_step``), the median
+  of ``--trials`` timings of ``--steps`` steps, scaled to the epoch's number of steps;
+* **batches** — building every batch of the epoch (slicing the device-resident corpus,
+  the dtype cast) and the learning rate of each step, timed over the whole epoch plan;
+* **validation** — one full validation pass, as each epoch runs it;
+* **checkpoints** — ``last.pt`` and ``best.pt`` as most epochs write them (median of 3 writes each);
+* **threads** — the steps' throughput with 1 torch thread against this process's default.
+
+Prints seconds per epoch and each part's share of their sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from charlm.config import preset
+from charlm.data import read_corpus
+from charlm.prepared import prepare_for
+from charlm.training import Trainer
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nietzsche.txt"
+DEFAULT = ["stateful_gru:notebook", "stateful_lstm:notebook", "stateful_lstm:awd_sgdr"]
+
+
+def timed(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def step_runner(trainer: Trainer, plan: list, steps: int):
+    batches = [trainer.train_layout.batch(plan[i % len(plan)]) for i in range(steps)]
+
+    def run() -> None:
+        for inputs, targets in batches:
+            trainer.train_step(inputs, targets)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+
+    return run
+
+
+def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> None:
+    config = preset(preset_name, arch).override({"progress": False})
+    corpus = prepare_for(config, text)
+    out = Path(tempfile.mkdtemp(prefix="charlm-costs-"))
+    trainer = Trainer(config, corpus, checkpoint_dir=out)
+    trainer.fit(max_steps=3)  # warm-up: allocations, oneDNN/cuDNN primitives
+    plan = trainer.train_layout.plan(0, config.seed, True)
+    n = len(plan)
+
+    per_step = timed(step_runner(trainer, plan, steps), trials) / steps
+    lr_at, layout = trainer.schedule.lr, trainer.train_layout
+
+    def build_all() -> None:
+        for index, item in enumerate(plan):
+            layout.batch(item)
+            lr_at(layout.progress(plan, index))
+
+    costs = {
+        "steps": per_step * n,
+        "batches": timed(build_all, 3),
+        "validation": timed(trainer.evaluate, 3),
+        "checkpoints": 2 * timed(lambda: trainer._write("last", {}), 3),
+    }
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    one_thread = timed(step_runner(trainer, plan, steps), trials) / steps
+    torch.set_num_threads(default_threads)
+
+    total = sum(costs.values())
+    chars = config.data.batch_size * config.data.context
+    print(
+        f"\n{arch} / {preset_name}: {n} steps an epoch of {config.data.batch_size} x {config.data.context}, "
+        f"{trainer.precision}, {default_threads} threads — {total:.1f} s an epoch"
+    )
+    for name, seconds in costs.items():
+        print(f"  {name:12s} {seconds:8.2f} s  {100 * seconds / total:5.1f}%")
+    print(
+        f"  threads      {chars / per_step:,.0f} chars/s with {default_threads}, {chars / one_thread:,.0f} with 1: "
+        f"ratio {one_thread / per_step:.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
+    parser.add_argument("--only", nargs="+", default=DEFAULT, metavar="ARCH:PRESET")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--trials", type=int, default=3)
+    args = parser.parse_args()
+    text = read_corpus(args.corpus)
+    for item in args.only:
+        arch, preset_name = item.split(":")
+        measure(arch, preset_name, text, args.steps, args.trials)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Time to quality: the notebook's schedules against the presets beyond it, in one run.
+
+    python bench/time_to_quality.py                    # notebook GRU schedule vs short_sgdr, seeds 0 1
+    python bench/time_to_quality.py --fast-arch stateful_gru   # short_sgdr's GRU instead of its LSTM
+    python bench/time_to_quality.py --lstm             # also awd_sgdr's LSTM to the notebook's best (long)
+    python bench/time_to_quality.py --lstm-only --parallel   # the LSTM seeds side by side, one core each
+
+Part 1 (the GRU figure, 1.3697): for each seed, the notebook's ``stateful_gru`` schedule
+(9 epochs) and the ``short_sgdr`` preset (``--fast-arch``, default its 1 × 512 LSTM) train
+on the same corpus, one after the other, alternating which goes first. The notebook
+schedule's wall time is the baseline; the preset's is the elapsed time at the end of the
+first epoch whose validation loss reached 1.3697. Prints both, per seed and as medians,
+and the ratio preset / notebook.
+
+Part 2 (the notebook's best LSTM, 1.2524): ``awd_sgdr``'s ``stateful_lstm`` per seed;
+prints the best validation loss, the time at which 1.2524 (and 1.22) was first reached,
+and the total wall time. ``--parallel`` trains the seeds at once, one process and one
+torch thread each (a seed then has one core of this 2-core machine: its times are an
+upper bound for a run that has the machine to itself).
+
+Every validation loss is measured on the notebook's task (lowercased, ``min_freq`` 3, the
+last 20% of the text) with the notebook's validation batch (64 columns). Wall time includes
+every validation pass. ``--plot`` draws validation loss against time for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nietzsche.txt"
+GRU_TARGET, LSTM_TARGET, STRETCH = 1.3697, 1.2524, 1.22
+
+
+def train(preset_name: str, arch: str, seed: int, corpus_path: str, sets: list[str]) -> dict[str, Any]:
+    from charlm.config import preset
+    from charlm.data import read_corpus
+    from charlm.prepared import prepare_for
+    from charlm.training import Callback, Trainer, time_to_targets
+
+    config = preset(preset_name, arch).override([*sets, "progress=false", f"seed={seed}"])
+    corpus = prepare_for(config, read_corpus(corpus_path))
+
+    class Print(Callback):
+        def on_epoch_end(self, trainer: Trainer, epoch: int, m: dict[str, float]) -> None:
+            print(
+                f"  {preset_name:10s} {arch} seed {seed} epoch {epoch + 1:2d}/{config.epochs}  "
+                f"val {m['val_loss']:.4f}  at {m['elapsed_s']:7.1f} s  {m['chars_per_sec']:,.0f} chars/s",
+                flush=True,
+            )
+
+    trainer = Trainer(config, corpus, callbacks=[Print()])
+    result = trainer.fit()
+    history = [{k: h[k] for k in ("epoch", "val_loss", "elapsed_s")} for h in result.history]
+    return {
+        "preset": preset_name,
+        "architecture": arch,
+        "seed": seed,
+        "threads": __import__("torch").get_num_threads(),
+        "precision": trainer.precision,
+        "parameters": result.parameters,
+        "best_val_loss": result.best_val_loss,
+        "wall_time_s": result.history[-1]["elapsed_s"],
+        "time_to": time_to_targets(result.history, (GRU_TARGET, LSTM_TARGET, STRETCH)),
+        "history": history,
+    }
+
+
+def gru_part(args: argparse.Namespace) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    for i, seed in enumerate(args.seeds):
+        order = [("notebook", "stateful_gru"), ("short_sgdr", args.fast_arch)]
+        for name, arch in order if i % 2 == 0 else order[::-1]:
+            runs.append(train(name, arch, seed, args.corpus, []))
+    notebook = [r for r in runs if r["preset"] == "notebook"]
+    preset = [r for r in runs if r["preset"] == "short_sgdr"]
+    key = f"{GRU_TARGET:g}"
+    baseline = statistics.median(r["wall_time_s"] for r in notebook)
+    reached = [r["time_to"].get(key) for r in preset]
+    print(
+        f"\ntarget {key} (the notebook's GRU): notebook stateful_gru vs short_sgdr {args.fast_arch}, seeds {args.seeds}"
+    )
+    for r in notebook + preset:
+        t = r["time_to"].get(key)
+        print(
+            f"  {r['preset']:10s} {r['architecture']} seed {r['seed']}: best {r['best_val_loss']:.4f}  "
+            f"wall {r['wall_time_s']:6.1f} s  "
+            f"reached {key} at {'%.1f s' % t if t is not None else 'never'}"
+        )
+    summary: dict[str, Any] = {"notebook_median_wall_s": baseline}
+    summary["notebook_median_best"] = statistics.median(r["best_val_loss"] for r in notebook)
+    summary["preset_median_best"] = statistics.median(r["best_val_loss"] for r in preset)
+    if all(t is not None for t in reached):
+        median = statistics.median(t for t in reached if t is not None)
+        summary.update(preset_median_time_to_target_s=median, ratio=median / baseline)
+        print(
+            f"  median: notebook schedule {baseline:.1f} s; short_sgdr reached {key} at {median:.1f} s "
+            f"-> ratio {median / baseline:.2f} (target <= 0.50)"
+        )
+    else:
+        print(f"  short_sgdr did not reach {key} in every seed: {reached}")
+    return {"runs": runs, "summary": summary}
+
+
+def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
+    if args.parallel and len(args.seeds) > 1:  # one process per seed, one torch thread each
+        procs, outs = [], []
+        for seed in args.seeds:
+            out = Path(args.workdir) / f"lstm-seed{seed}.json"
+            cmd = [sys.executable, __file__, "--one", f"awd_sgdr:stateful_lstm:{seed}", "--corpus", args.corpus]
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            procs.append(subprocess.Popen([*cmd, "--json", str(out)], env=env))
+            outs.append(out)
+        if any(p.wait() for p in procs):
+            raise SystemExit("an LSTM seed failed")
+        runs = [json.loads(o.read_text()) for o in outs]
+    else:
+        runs = [train("awd_sgdr", "stateful_lstm", seed, args.corpus, []) for seed in args.seeds]
+    print(f"\nstateful_lstm awd_sgdr, seeds {args.seeds}{' in parallel, 1 thread each' if args.parallel else ''}")
+    for r in runs:
+        times = ", ".join(f"{k} at {v / 60:.1f} min" for k, v in r["time_to"].items()) or "no target reached"
+        print(f"  seed {r['seed']}: best {r['best_val_loss']:.4f}  wall {r['wall_time_s'] / 60:.1f} min  ({times})")
+    summary: dict[str, Any] = {
+        "median_best": statistics.median(r["best_val_loss"] for r in runs),
+        "median_wall_s": statistics.median(r["wall_time_s"] for r in runs),
+    }
+    for target in (LSTM_TARGET, STRETCH):
+        times = [r["time_to"].get(f"{target:g}") for r in runs]
+        if all(t is not None for t in times):
+            summary[f"median_time_to_{target:g}_s"] = statistics.median(t for t in times if t is not None)
+    print(
+        f"  median best {summary['median_best']:.4f} (notebook's best LSTM {LSTM_TARGET}, stretch {STRETCH}); "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in summary.items() if k.endswith("_s"))
+    )
+    return {"runs": runs, "summary": summary}
+
+
+def plot(runs: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
+    for r in runs:
+        ax.plot(
+            [h["elapsed_s"] / 60 for h in r["history"]],
+            [h["val_loss"] for h in r["history"]],
+            marker="o",
+            markersize=3,
+            label=f"{r['preset']} {r['architecture']} seed {r['seed']}",
+        )
+    for target in (GRU_TARGET, LSTM_TARGET):
+        ax.axhline(target, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("wall-clock minutes (validation included)")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_ylim(top=1.6)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--fast-arch", default="stateful_lstm", help="short_sgdr's architecture in part 1")
+    parser.add_argument("--lstm", action="store_true", help="also part 2: awd_sgdr's LSTM to 1.2524")
+    parser.add_argument("--lstm-only", action="store_true", help="only part 2")
+    parser.add_argument("--parallel", action="store_true", help="part 2's seeds at once, one thread each")
+    parser.add_argument("--workdir", default="/tmp", help="where parallel seeds leave their results")
+    parser.add_argument("--json", help="write every run and the summaries here")
+    parser.add_argument("--plot", help="write validation loss against time (PNG) here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # PRESET:ARCH:SEED, for --parallel
+    args = parser.parse_args()
+
+    if args.one:
+        name, arch, seed = args.one.split(":")
+        run = train(name, arch, int(seed), args.corpus, [])
+        Path(args.json).write_text(json.dumps(run))
+        return
+    started = time.perf_counter()
+    report: dict[str, Any] = {}
+    if not args.lstm_only:
+        report["gru"] = gru_part(args)
+    if args.lstm or args.lstm_only:
+        report["lstm"] = lstm_part(args)
+    print(f"\nbench wall time {time.perf_counter() - started:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot([r for part in report.values() for r in part["runs"]], args.plot)
+
+
+if __name__ == "__main__":
+    main()

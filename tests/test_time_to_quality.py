@@ -1,0 +1,276 @@
+"""The speed and quality paths, exercised on the CPU wherever they can be: AWD-LSTM's
+dropouts, mixed precision under autocast, the device-resident fixed-shape batches a CUDA
+graph needs, and time to quality (elapsed time, targets, the loss-against-time plot)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from charlm import compare
+from charlm.config import PRESETS, RunConfig, preset, tiny
+from charlm.data import CorpusError, make_layout
+from charlm.device import DeviceError, PrecisionError, cpu_has_native_bf16, resolve_precision
+from charlm.job import TrainResult
+from charlm.models import build_model
+from charlm.prepared import prepare_for
+from charlm.training import QUALITY_TARGETS, Trainer, time_to_targets
+
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- AWD-LSTM regularisation
+
+
+@pytest.mark.parametrize("architecture", ["stateful_lstm", "stateful_gru"])
+def test_weight_drop_masks_the_recurrence_in_training_only(architecture):
+    model = build_model(
+        architecture,
+        30,
+        embedding_dim=8,
+        hidden_size=16,
+        num_layers=2,
+        dropout=0.2,
+        embedding_dropout=0.1,
+        weight_drop=0.5,
+    )
+    names = set(model.state_dict())
+    assert {"rnn.weight_hh_l0_raw", "rnn.weight_hh_l1_raw"} <= names  # the raw matrices are the parameters
+    assert not {"rnn.weight_hh_l0", "rnn.weight_hh_l1"} & names
+    tokens = torch.randint(2, 30, (4, 7))
+    torch.manual_seed(0)
+    logits, _ = model(tokens, None)
+    masked = model.rnn.weight_hh_l0
+    zeros = (masked == 0).float().mean().item()
+    assert 0.3 < zeros < 0.7  # about half the recurrent weights dropped, one mask for every time step
+    logits.sum().backward()
+    assert model.rnn.weight_hh_l0_raw.grad.abs().sum() > 0  # gradients reach the raw weights
+
+    model.eval()  # evaluation: the full matrix, deterministic, and a reloaded copy agrees
+    a, b = model(tokens, None)[0], model(tokens, None)[0]
+    assert torch.equal(a, b)
+    assert torch.equal(model.rnn.weight_hh_l0, model.rnn.weight_hh_l0_raw)
+    twin = build_model(
+        architecture,
+        30,
+        embedding_dim=8,
+        hidden_size=16,
+        num_layers=2,
+        dropout=0.2,
+        embedding_dropout=0.1,
+        weight_drop=0.5,
+    )
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(twin.eval()(tokens, None)[0], a)
+    assert set(model.state_dict()) == names  # eval mode registered nothing new
+
+
+def test_embedding_dropout_drops_whole_characters():
+    model = build_model("stateful_lstm", 30, embedding_dim=8, hidden_size=16, embedding_dropout=0.5)
+    tokens = torch.arange(2, 30).repeat(2, 1)  # every character twice, in two rows
+    torch.manual_seed(0)
+    embedded = model.embed(tokens)
+    dropped = (embedded == 0).all(-1)
+    assert dropped.any() and not dropped.all()
+    assert torch.equal(dropped[0], dropped[1])  # a dropped character is dropped wherever it occurs
+
+
+def test_hand_written_models_refuse_the_awd_dropouts():
+    with pytest.raises(ValueError, match="char_loop is a single hand-written layer"):
+        tiny("char_loop").override({"model.weight_drop": 0.2})
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it():
+    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("fp32", CPU) == "fp32"
+    with pytest.raises(PrecisionError, match="fp16' is for CUDA"):
+        resolve_precision("fp16", CPU)
+
+
+def test_explicit_bf16_an_lstm_cannot_run_is_a_clear_error(small_text):
+    config = tiny("stateful_lstm").override({"precision": "bf16"})
+    corpus = prepare_for(config, small_text)
+    if cpu_has_native_bf16():  # on such a CPU the request is honoured
+        assert Trainer(config, corpus).precision == "bf16"
+    else:  # oneDNN has no emulated bf16 LSTM: the request is named, not a primitive-descriptor traceback
+        with pytest.raises(PrecisionError, match="cannot train a LSTM in bf16.*precision=fp32"):
+            Trainer(config, corpus)
+
+
+def test_bf16_autocast_trains_with_fp32_weights_and_optimizer_state(small_text):
+    """The GPU's mixed-precision path, on the CPU: the forward under bf16 autocast, the loss,
+    the weights and Adam's moments in fp32, and the result close to an fp32 run's."""
+    base = tiny("stateful_gru")
+    corpus = prepare_for(base, small_text)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer(base.override({"precision": precision}), corpus)
+        result = trainer.fit(max_steps=60)
+        assert trainer.precision == precision
+        assert all(p.dtype == torch.float32 for p in trainer.module.parameters())
+        moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]
+        assert moments and all(m.dtype == torch.float32 for m in moments)
+        runs[precision] = trainer.evaluate()["val_loss"]
+        assert math.isfinite(result.best_val_loss) or result.history == []
+    assert abs(runs["bf16"] - runs["fp32"]) < 0.05
+
+
+# --------------------------------------------------------------------------- device-resident, fixed-shape data
+
+
+def test_batches_are_slices_of_the_corpus_on_the_trainers_device(small_text):
+    config = tiny("stateful_lstm")
+    trainer = Trainer(config, prepare_for(config, small_text))
+    for layout in (trainer.train_layout, trainer.valid_layout):
+        assert layout.tokens.device == trainer.device
+    inputs, targets = trainer.train_layout.batch(trainer.train_layout.plan(0, 0, True)[0])
+    assert inputs.device == targets.device == trainer.device
+
+
+@pytest.mark.parametrize("kind", ["stream", "sequence", "window"])
+def test_fixed_shape_gives_every_training_batch_one_shape(kind):
+    tokens = torch.arange(1000) % 50
+    ragged = make_layout(kind, tokens, batch_size=16, context=7)
+    fixed = make_layout(kind, tokens, batch_size=16, context=7, fixed_shape=True)
+    shapes = {tuple(t.shape for t in fixed.batch(item)) for item in fixed.plan(0, 0, True)}
+    assert len(shapes) == 1
+    assert len({tuple(t.shape for t in ragged.batch(item)) for item in ragged.plan(0, 0, True)}) == 2
+    assert len(fixed.plan(0, 0, True)) == len(ragged.plan(0, 0, True)) - 1  # only the ragged batch dropped
+
+
+def test_fixed_shape_names_a_corpus_too_short_for_one_batch():
+    with pytest.raises(CorpusError, match="training split: 100 characters are too few for 16 columns.*fixed_shape"):
+        make_layout("stream", torch.arange(100), batch_size=16, context=8, name="training split", fixed_shape=True)
+
+
+def test_the_cuda_graph_mode_is_validated_before_any_training(small_text):
+    base = tiny("stateful_gru")
+    with pytest.raises(ValueError, match="set data.fixed_shape=true"):
+        base.override({"cuda_graph": True})
+    with pytest.raises(ValueError, match="fixed bptt: set data.random_bptt=false"):
+        base.override({"data.fixed_shape": True, "data.random_bptt": True})
+    graphed = base.override({"data.fixed_shape": True, "data.random_bptt": False, "cuda_graph": True})
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="cuda_graph needs a CUDA device"):
+            Trainer(graphed, prepare_for(graphed, small_text))
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device, not device='cpu'"):
+        graphed.override({"device": "cpu"})
+
+
+def test_a_fixed_shape_run_trains_like_any_other(small_text):
+    config = tiny("stateful_lstm").override({"data.fixed_shape": True, "data.random_bptt": False})
+    trainer = Trainer(config, prepare_for(config, small_text))
+    result = trainer.fit()
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"] + 0.05
+    assert len(result.history) == config.epochs
+
+
+# --------------------------------------------------------------------------- time to quality
+
+
+def test_elapsed_time_is_recorded_per_epoch_and_continues_across_a_resume(small_text, tmp_path):
+    config = tiny("stateful_gru")
+    corpus = prepare_for(config, small_text)
+    first = Trainer(config, corpus, checkpoint_dir=tmp_path)
+    first.fit(max_steps=len(first.train_layout.plan(0, config.seed, True)) + 2)  # one epoch and a bit
+    assert len(first.history) == 1
+    before = first.history[0]["elapsed_s"]
+    assert before > 0
+    resumed = Trainer.resume(tmp_path / "last.pt", corpus)
+    result = resumed.fit()
+    elapsed = [h["elapsed_s"] for h in result.history]
+    assert elapsed[0] == before and elapsed == sorted(elapsed) and elapsed[-1] > before
+
+
+def test_time_to_targets_takes_the_first_epoch_that_reached_each():
+    history = [
+        {"val_loss": 1.6, "elapsed_s": 10.0},
+        {"val_loss": 1.45, "elapsed_s": 20.0},
+        {"val_loss": 1.36, "elapsed_s": 30.0},
+        {"val_loss": 1.39, "elapsed_s": 40.0},
+    ]
+    assert time_to_targets(history, (1.5, 1.4, 1.3697, 1.3)) == {"1.5": 20.0, "1.4": 30.0, "1.3697": 30.0}
+    assert time_to_targets([{"val_loss": 1.2}]) == {}  # an old history without elapsed time: none
+    assert 1.3697 in QUALITY_TARGETS and 1.2524 in QUALITY_TARGETS  # the notebook's GRU and best LSTM
+
+
+def test_the_comparison_shows_time_to_quality(tmp_path):
+    def result(arch: str, losses: list[float], step: float) -> TrainResult:
+        history = [{"val_loss": v, "chars_per_sec": 1.0, "elapsed_s": step * (i + 1)} for i, v in enumerate(losses)]
+        return TrainResult(
+            architecture=arch,
+            history=history,
+            best_val_loss=min(losses),
+            best_epoch=1,
+            steps=1,
+            parameters=1,
+            wall_time_s=step * len(losses),
+            task="lower",
+        )
+
+    results = [result("stateful_gru", [1.6, 1.45, 1.36], 20.0), result("stateful_lstm", [1.55, 1.3, 1.25], 90.0)]
+    table = compare.comparison_table(results)
+    assert dict(zip(table["architecture"], table["target_reached"])) == {
+        "stateful_lstm": "≤1.2524 at 270 s",
+        "stateful_gru": "≤1.3697 at 60 s",
+    }
+    path = compare.plot_loss_against_time(results, tmp_path / "time.png", "test")
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_json_overrides_replace_a_whole_schedule():
+    config = tiny("stateful_gru").override(['schedule=[{"kind": "sgdr", "lr": 0.004, "cycles": 1, "cycle_len": 4}]'])
+    assert config.epochs == 4 and config.schedule[0].kind == "sgdr"
+    with pytest.raises(ValueError, match="not valid JSON"):
+        RunConfig.parse_overrides(["schedule=[{kind: sgdr}]"])
+
+
+def test_the_presets_beyond_the_notebook_keep_its_task():
+    lstm = preset("awd_sgdr", "stateful_lstm")
+    assert lstm.model.weight_drop > 0 and lstm.model.embedding_dropout > 0 and lstm.model.dropout > 0
+    assert [p.kind for p in lstm.schedule] == ["constant", "sgdr"] and lstm.epochs == 16
+    fast = preset("short_sgdr", "stateful_lstm")
+    assert fast.epochs == 2 and fast.model.num_layers == 1
+    for config in (lstm, fast, preset("awd_sgdr", "stateful_gru"), preset("short_sgdr", "stateful_gru")):
+        data = config.data
+        assert data.lowercase and data.min_freq == 3 and data.valid_fraction == 0.2  # the notebook's task
+        assert data.valid_batch_size == 64  # validation measured as the notebook's loader cuts it
+        assert data.fixed_shape and not data.random_bptt  # one batch shape: a CUDA graph can replay it
+    assert preset("awd_sgdr", "stateful_rnn_cell").model.weight_drop == 0  # a hand-written cell: no dropouts
+    with pytest.raises(ValueError, match="preset awd_sgdr is for the stateful architectures .* not char_rnn"):
+        preset("awd_sgdr", "char_rnn")
+    assert {"awd_sgdr", "short_sgdr"} <= set(PRESETS)
+
+
+def test_each_run_logs_elapsed_time_and_its_time_to_each_target_once(small_text, tmp_path):
+    """Against MLflow's embedded SQLite store: ``elapsed_s`` per epoch, and each target's time
+    logged once, at the epoch that first reached it, equal to that epoch's elapsed time."""
+    from mlflow import MlflowClient
+
+    from charlm.tracking import MLflowTracker
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("t", artifact_location=str(tmp_path / "a"))).info.run_id
+    config = tiny("stateful_gru")
+    trainer = Trainer(config, prepare_for(config, small_text))
+    untrained = trainer.evaluate()["val_loss"]
+    # one target every run reaches at once, one it reaches later (or not), one it never reaches
+    targets = (untrained + 1.0, untrained * 0.8, 0.01)
+    tracker = MLflowTracker(run_id, client=client, log_snapshots=False, targets=targets)
+    trainer.callbacks.append(tracker)
+    result = trainer.fit()
+    elapsed = client.get_metric_history(run_id, "elapsed_s")
+    assert [m.step for m in elapsed] == [1, 2, 3]
+    assert [m.value for m in elapsed] == pytest.approx([h["elapsed_s"] for h in result.history])
+    expected = time_to_targets(result.history, targets)
+    assert f"{targets[0]:g}" in expected and "0.01" not in expected
+    for target, seconds in expected.items():
+        logged = client.get_metric_history(run_id, f"time_to_val_loss_{target}_s")
+        assert len(logged) == 1 and logged[0].value == pytest.approx(seconds)
+    assert not client.get_metric_history(run_id, "time_to_val_loss_0.01_s")
+    assert client.get_run(run_id).data.params["precision"] == trainer.precision
