@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CORPUS_URI ?= $(if $(wildcard ../shared/data/nietzsche.txt),../shared/data/nietzsche.txt,s3://text-datasets/nietzsche.txt)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench bench-gpu clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,6 +35,12 @@ bench:
 	$(PY) bench/pipeline_overhead.py
 	$(PY) bench/ddp_scaling.py
 	$(PY) bench/snapshots.py
+	$(PY) bench/time_to_quality.py
+	$(PY) bench/precision.py
+	$(PY) bench/step_costs.py
+
+bench-gpu:  ## the GPU figures (one GPU, under 5 minutes)
+	PY=$(PY) bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs mlruns mlflow.db .charlm .pytest_cache

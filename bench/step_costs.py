@@ -9,9 +9,11 @@ For each configuration, on the real corpus:
   of ``--trials`` timings of ``--steps`` steps, scaled to the epoch's number of steps;
 * **batches** — building every batch of the epoch (slicing the device-resident corpus,
   the dtype cast) and the learning rate of each step, timed over the whole epoch plan;
+* **loop** — the rest of the trainer's loop per step (setting the learning rate, the loss
+  sums, hooks, the stop and checkpoint checks): the loop's time per step less the two above;
 * **validation** — one full validation pass, as each epoch runs it;
 * **checkpoints** — ``last.pt`` and ``best.pt`` as most epochs write them (median of 3 writes each);
-* **threads** — the steps' throughput with 1 torch thread against this process's default.
+* **threads** — the steps' throughput with this process's torch threads against 1 (or 2).
 
 Prints seconds per epoch and each part's share of their sum.
 """
@@ -73,15 +75,23 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> 
             layout.batch(item)
             lr_at(layout.progress(plan, index))
 
+    batches = timed(build_all, 3)
+
+    def loop() -> None:  # the trainer's own loop: batches, lr, steps, loss sums, hooks, stop checks
+        trainer.fit(max_steps=trainer.step + steps)
+
+    in_loop = timed(loop, trials) / steps
     costs = {
         "steps": per_step * n,
-        "batches": timed(build_all, 3),
+        "batches": batches,
+        "loop": max(in_loop - per_step - batches / n, 0.0) * n,
         "validation": timed(trainer.evaluate, 3),
         "checkpoints": 2 * timed(lambda: trainer._write("last", {}), 3),
     }
     default_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    one_thread = timed(step_runner(trainer, plan, steps), trials) / steps
+    other = 1 if default_threads > 1 else 2
+    torch.set_num_threads(other)
+    other_per_step = timed(step_runner(trainer, plan, steps), trials) / steps
     torch.set_num_threads(default_threads)
 
     total = sum(costs.values())
@@ -93,8 +103,8 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> 
     for name, seconds in costs.items():
         print(f"  {name:12s} {seconds:8.2f} s  {100 * seconds / total:5.1f}%")
     print(
-        f"  threads      {chars / per_step:,.0f} chars/s with {default_threads}, {chars / one_thread:,.0f} with 1: "
-        f"ratio {one_thread / per_step:.2f}"
+        f"  threads      steps at {chars / per_step:,.0f} chars/s with {default_threads} torch thread(s), "
+        f"{chars / other_per_step:,.0f} with {other}: ratio {per_step / other_per_step:.2f}"
     )
 
 

@@ -139,7 +139,10 @@ def plot_loss_against_time(results: Sequence[TrainResult], path: str | os.PathLi
     for target in QUALITY_TARGETS:
         if low <= target <= high:
             ax.axhline(target, color="grey", linewidth=0.6, linestyle=":")
-            ax.annotate(f"{target:g}", (1.0, target), xycoords=("axes fraction", "data"), fontsize=6, color="grey")
+            ax.annotate(
+                f"{target:g}", (0.995, target), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                fontsize=7, color="grey",
+            )  # fmt: skip
     ax.set_xlabel("wall-clock seconds (validation included)")
     ax.set_ylabel("validation loss (nats/char)")
     ax.set_title(f"charlm: validation loss against time{' — ' + title if title else ''}", fontsize=10)

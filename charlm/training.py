@@ -298,9 +298,11 @@ class Trainer:
         self.precision = resolve_precision(
             config.precision, self.device, type(rnn) if isinstance(rnn, nn.RNNBase) else nn.Linear
         )
-        self.amp_dtype = autocast_dtype(self.precision)
         if config.cuda_graph and self.precision == "fp16":
-            raise PrecisionError("cuda_graph with fp16 (a dynamic gradient scaler): set precision=bf16 or fp32")
+            if config.precision != "auto":
+                raise PrecisionError("cuda_graph with fp16 (a dynamic gradient scaler): set precision=bf16 or fp32")
+            self.precision = "fp32"  # auto, on a GPU without bf16 RNNs: a graph without a loss scaler
+        self.amp_dtype = autocast_dtype(self.precision)
         # fp16 needs loss scaling; a fused optimizer takes the scale and the inf check on the GPU (no sync).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.model: nn.Module = self.module
@@ -587,6 +589,9 @@ class Trainer:
             raise ValueError("checkpoint vocabulary differs from the corpus vocabulary: cannot resume on this data")
         self.module.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        for group in self.optimizer.param_groups:  # a graph's lr is a device tensor, an eager one a float
+            lr = float(group["lr"])
+            group["lr"] = torch.tensor(lr, device=self.device) if self._graphed is not None else lr
         progress = payload["progress"]
         self.step, self.epoch, self.batch = progress["step"], progress["epoch"], progress["batch"]
         self._elapsed_base, self._fit_started = progress.get("elapsed_s", 0.0), time.perf_counter()
