@@ -104,7 +104,7 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> 
         print(f"  {name:12s} {seconds:8.2f} s  {100 * seconds / total:5.1f}%")
     print(
         f"  threads      steps at {chars / per_step:,.0f} chars/s with {default_threads} torch thread(s), "
-        f"{chars / other_per_step:,.0f} with {other}: ratio {per_step / other_per_step:.2f}"
+        f"{chars / other_per_step:,.0f} with {other}: speed ratio {other_per_step / per_step:.2f}"
     )
 
 
