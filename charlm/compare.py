@@ -144,14 +144,7 @@ def plot_loss_against_time(results: Sequence[TrainResult], path: str | os.PathLi
                 fontsize=7, color="grey",
             )  # fmt: skip
     ax.set_xlabel("wall-clock seconds (validation included)")
-    ax.set_ylabel("validation loss (nats/char)")
-    ax.set_title(f"charlm: validation loss against time{' — ' + title if title else ''}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, ax, f"validation loss against time{' — ' + title if title else ''}", path)
 
 
 def plot_validation_curves(results: Sequence[TrainResult], path: str | os.PathLike[str], title: str = "") -> Path:
@@ -168,8 +161,15 @@ def plot_validation_curves(results: Sequence[TrainResult], path: str | os.PathLi
         ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=f"{r.architecture} ({r.task})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
+    return _save(fig, ax, f"validation loss by architecture{' — ' + title if title else ''}", path)
+
+
+def _save(fig: Any, ax: Any, title: str, path: str | os.PathLike[str]) -> Path:
+    """The finishing shared by the plots: loss axis, title, grid, legend; written as PNG and closed."""
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel("validation loss (nats/char)")
-    ax.set_title(f"charlm: validation loss by architecture{' — ' + title if title else ''}", fontsize=10)
+    ax.set_title(f"charlm: {title}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

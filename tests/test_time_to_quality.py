@@ -24,18 +24,17 @@ CPU = torch.device("cpu")
 # --------------------------------------------------------------------------- AWD-LSTM regularisation
 
 
+def _awd(architecture: str) -> torch.nn.Module:
+    """A 2-layer model with every AWD-LSTM regulariser on."""
+    return build_model(
+        architecture, 30, embedding_dim=8, hidden_size=16, num_layers=2, dropout=0.2, embedding_dropout=0.1,
+        weight_drop=0.5,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("architecture", ["stateful_lstm", "stateful_gru"])
 def test_weight_drop_masks_the_recurrence_in_training_only(architecture):
-    model = build_model(
-        architecture,
-        30,
-        embedding_dim=8,
-        hidden_size=16,
-        num_layers=2,
-        dropout=0.2,
-        embedding_dropout=0.1,
-        weight_drop=0.5,
-    )
+    model = _awd(architecture)
     names = set(model.state_dict())
     assert {"rnn.weight_hh_l0_raw", "rnn.weight_hh_l1_raw"} <= names  # the raw matrices are the parameters
     assert not {"rnn.weight_hh_l0", "rnn.weight_hh_l1"} & names
@@ -52,16 +51,7 @@ def test_weight_drop_masks_the_recurrence_in_training_only(architecture):
     a, b = model(tokens, None)[0], model(tokens, None)[0]
     assert torch.equal(a, b)
     assert torch.equal(model.rnn.weight_hh_l0, model.rnn.weight_hh_l0_raw)
-    twin = build_model(
-        architecture,
-        30,
-        embedding_dim=8,
-        hidden_size=16,
-        num_layers=2,
-        dropout=0.2,
-        embedding_dropout=0.1,
-        weight_drop=0.5,
-    )
+    twin = _awd(architecture)
     twin.load_state_dict(model.state_dict())
     assert torch.equal(twin.eval()(tokens, None)[0], a)
     assert set(model.state_dict()) == names  # eval mode registered nothing new
