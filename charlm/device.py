@@ -94,7 +94,7 @@ class PrecisionError(DeviceError):
 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: the CPUs on which bf16 matrix work is faster than fp32. (Without them
-    oneDNN emulates bf16: the GRU ran ~15x slower here and its LSTM refused bf16 altogether.)"""
+    oneDNN emulates bf16: the GRU ran ~12x slower here and its LSTM refused bf16 altogether.)"""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 

@@ -594,7 +594,7 @@ class Trainer:
             group["lr"] = torch.tensor(lr, device=self.device) if self._graphed is not None else lr
         progress = payload["progress"]
         self.step, self.epoch, self.batch = progress["step"], progress["epoch"], progress["batch"]
-        self._elapsed_base, self._fit_started = progress.get("elapsed_s", 0.0), time.perf_counter()
+        self._elapsed_base = progress.get("elapsed_s", 0.0)  # fit() restarts the clock
         if payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
         single = self.dist.world_size == 1 and payload.get("world_size", 1) == 1

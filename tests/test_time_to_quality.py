@@ -4,8 +4,6 @@ graph needs, and time to quality (elapsed time, targets, the loss-against-time p
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -100,13 +98,12 @@ def test_bf16_autocast_trains_with_fp32_weights_and_optimizer_state(small_text):
     runs = {}
     for precision in ("fp32", "bf16"):
         trainer = Trainer(base.override({"precision": precision}), corpus)
-        result = trainer.fit(max_steps=60)
+        trainer.fit(max_steps=60)
         assert trainer.precision == precision
         assert all(p.dtype == torch.float32 for p in trainer.module.parameters())
         moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]
         assert moments and all(m.dtype == torch.float32 for m in moments)
         runs[precision] = trainer.evaluate()["val_loss"]
-        assert math.isfinite(result.best_val_loss) or result.history == []
     assert abs(runs["bf16"] - runs["fp32"]) < 0.05
 
 
