@@ -4,6 +4,7 @@
     python bench/time_to_quality.py --fast-arch stateful_gru   # short_sgdr's GRU instead of its LSTM
     python bench/time_to_quality.py --lstm             # also awd_sgdr's LSTM to the notebook's best (long)
     python bench/time_to_quality.py --lstm-only --parallel   # the LSTM seeds side by side, one core each
+    python bench/time_to_quality.py --lstm-only --parallel --snapshots   # and its snapshot ensembles
 
 Part 1 (the GRU figure, 1.3697): for each seed, the notebook's ``stateful_gru`` schedule
 (9 epochs) and the ``short_sgdr`` preset (``--fast-arch``, default its 1 × 512 LSTM) train
@@ -39,7 +40,12 @@ DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "niet
 GRU_TARGET, LSTM_TARGET, STRETCH = 1.3697, 1.2524, 1.22
 
 
-def train(preset_name: str, arch: str, seed: int, corpus_path: str, sets: list[str]) -> dict[str, Any]:
+def train(
+    preset_name: str, arch: str, seed: int, corpus_path: str, sets: list[str], snapshots_dir: str | None = None
+) -> dict[str, Any]:
+    """One training run. With ``snapshots_dir`` its SGDR cycle snapshots are kept there, and the
+    ensembles and weight averages of the last 2, 3 and 4 (what the pipeline offers for promotion)
+    are evaluated on the same validation split once training ends — outside its wall time."""
     from charlm.config import preset
     from charlm.data import read_corpus
     from charlm.prepared import prepare_for
@@ -56,9 +62,20 @@ def train(preset_name: str, arch: str, seed: int, corpus_path: str, sets: list[s
                 flush=True,
             )
 
-    trainer = Trainer(config, corpus, callbacks=[Print()])
+    trainer = Trainer(config, corpus, callbacks=[Print()], checkpoint_dir=snapshots_dir)
     result = trainer.fit()
     history = [{k: h[k] for k in ("epoch", "val_loss", "elapsed_s")} for h in result.history]
+    combined: list[dict[str, Any]] = []
+    if snapshots_dir is not None:
+        from charlm.candidates import snapshot_candidates
+        from charlm.ensemble import snapshot_paths
+
+        for c in snapshot_candidates(snapshot_paths(snapshots_dir), corpus):
+            combined.append({"kind": c.kind, "members": len(c.members), "val_loss": c.val_loss})
+            print(
+                f"  {preset_name:10s} {arch} seed {seed}: {c.kind} of the last {len(c.members)} snapshots  "
+                f"val {c.val_loss:.4f}"
+            )
     return {
         "preset": preset_name,
         "architecture": arch,
@@ -70,6 +87,7 @@ def train(preset_name: str, arch: str, seed: int, corpus_path: str, sets: list[s
         "wall_time_s": result.history[-1]["elapsed_s"],
         "time_to": time_to_targets(result.history, (GRU_TARGET, LSTM_TARGET, STRETCH)),
         "history": history,
+        "snapshot_candidates": combined,
     }
 
 
@@ -118,6 +136,7 @@ def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
         for seed in args.seeds:
             out = Path(args.workdir) / f"lstm-seed{seed}.json"
             cmd = [sys.executable, __file__, "--one", f"awd_sgdr:stateful_lstm:{seed}", "--corpus", args.corpus]
+            cmd += ["--workdir", args.workdir] + (["--snapshots"] if args.snapshots else [])
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             procs.append(subprocess.Popen([*cmd, "--json", str(out)], env=env))
             outs.append(out)
@@ -125,11 +144,15 @@ def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit("an LSTM seed failed")
         runs = [json.loads(o.read_text()) for o in outs]
     else:
-        runs = [train("awd_sgdr", "stateful_lstm", seed, args.corpus, []) for seed in args.seeds]
+        runs = [
+            train("awd_sgdr", "stateful_lstm", seed, args.corpus, [], snapshots_dir(args, seed)) for seed in args.seeds
+        ]
     print(f"\nstateful_lstm awd_sgdr, seeds {args.seeds}{' in parallel, 1 thread each' if args.parallel else ''}")
     for r in runs:
         times = ", ".join(f"{k} at {v / 60:.1f} min" for k, v in r["time_to"].items()) or "no target reached"
         print(f"  seed {r['seed']}: best {r['best_val_loss']:.4f}  wall {r['wall_time_s'] / 60:.1f} min  ({times})")
+        for c in r["snapshot_candidates"]:
+            print(f"    {c['kind']} of the last {c['members']} cycle snapshots: val {c['val_loss']:.4f}")
     summary: dict[str, Any] = {
         "median_best": statistics.median(r["best_val_loss"] for r in runs),
         "median_wall_s": statistics.median(r["wall_time_s"] for r in runs),
@@ -142,7 +165,16 @@ def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
         f"  median best {summary['median_best']:.4f} (notebook's best LSTM {LSTM_TARGET}, stretch {STRETCH}); "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in summary.items() if k.endswith("_s"))
     )
+    if all(r["snapshot_candidates"] for r in runs):
+        for i, c in enumerate(runs[0]["snapshot_candidates"]):
+            label = f"{c['kind']} of the last {c['members']}"
+            summary[f"median {label}"] = statistics.median(r["snapshot_candidates"][i]["val_loss"] for r in runs)
+            print(f"  median {label} cycle snapshots: {summary[f'median {label}']:.4f}")
     return {"runs": runs, "summary": summary}
+
+
+def snapshots_dir(args: argparse.Namespace, seed: int) -> str | None:
+    return str(Path(args.workdir) / f"lstm-seed{seed}-snapshots") if args.snapshots else None
 
 
 def plot(runs: list[dict[str, Any]], path: str) -> None:
@@ -181,6 +213,11 @@ def main() -> None:
     parser.add_argument("--lstm-only", action="store_true", help="only part 2")
     parser.add_argument("--parallel", action="store_true", help="part 2's seeds at once, one thread each")
     parser.add_argument("--workdir", default="/tmp", help="where parallel seeds leave their results")
+    parser.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="part 2 keeps its cycle snapshots in --workdir and evaluates their ensembles and weight averages",
+    )
     parser.add_argument("--json", help="write every run and the summaries here")
     parser.add_argument("--plot", help="write validation loss against time (PNG) here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # PRESET:ARCH:SEED, for --parallel
@@ -188,7 +225,7 @@ def main() -> None:
 
     if args.one:
         name, arch, seed = args.one.split(":")
-        run = train(name, arch, int(seed), args.corpus, [])
+        run = train(name, arch, int(seed), args.corpus, [], snapshots_dir(args, int(seed)))
         Path(args.json).write_text(json.dumps(run))
         return
     started = time.perf_counter()
