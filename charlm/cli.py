@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--preset",
             choices=list(PRESETS),
-            help="notebook: its settings; tiny: seconds on a CPU; awd_sgdr: beyond the notebook (default: notebook)",
+            help="notebook: its settings; tiny: seconds on a CPU; awd_sgdr (quality), short_sgdr (the notebook GRU's "
+            "figure soonest): beyond the notebook, stateful models only (default: notebook)",
         )
         p.add_argument(
             "--set",

@@ -232,6 +232,12 @@ def test_the_presets_beyond_the_notebook_keep_its_task():
     with pytest.raises(ValueError, match="preset awd_sgdr is for the stateful architectures .* not char_rnn"):
         preset("awd_sgdr", "char_rnn")
     assert {"awd_sgdr", "short_sgdr"} <= set(PRESETS)
+    from typing import get_args
+
+    from flows.params import PipelineParams
+
+    # the pipeline's --preset offers every preset the library has
+    assert set(get_args(PipelineParams.model_fields["preset_name"].annotation)) == set(PRESETS)
 
 
 def test_each_run_logs_elapsed_time_and_its_time_to_each_target_once(small_text, tmp_path):
