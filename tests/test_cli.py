@@ -28,6 +28,8 @@ def test_train_evaluate_generate_round_trip(corpus_file, tmp_path, capsys, store
                 str(corpus_file),
                 "--out",
                 str(out),
+                "--precision",  # evaluate's fp32 then reproduces training's validation exactly;
+                "fp32",  # under bf16 autocast (auto, on a CPU with AMX) they differ by ~1e-4
                 "--json",
                 "--quiet",
             ]
