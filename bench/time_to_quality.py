@@ -2,6 +2,7 @@
 
     python bench/time_to_quality.py                    # notebook GRU schedule vs short_sgdr, seeds 0 1
     python bench/time_to_quality.py --fast-arch stateful_gru   # short_sgdr's GRU instead of its LSTM
+    python bench/time_to_quality.py --set precision=fp32       # both sides in fp32
     python bench/time_to_quality.py --lstm             # also awd_sgdr's LSTM to the notebook's best (long)
     python bench/time_to_quality.py --lstm-only --parallel   # the LSTM seeds side by side, one core each
     python bench/time_to_quality.py --lstm-only --parallel --snapshots   # and its snapshot ensembles
@@ -96,7 +97,7 @@ def gru_part(args: argparse.Namespace) -> dict[str, Any]:
     for i, seed in enumerate(args.seeds):
         order = [("notebook", "stateful_gru"), ("short_sgdr", args.fast_arch)]
         for name, arch in order if i % 2 == 0 else order[::-1]:
-            runs.append(train(name, arch, seed, args.corpus, []))
+            runs.append(train(name, arch, seed, args.corpus, args.set))
     notebook = [r for r in runs if r["preset"] == "notebook"]
     preset = [r for r in runs if r["preset"] == "short_sgdr"]
     key = f"{GRU_TARGET:g}"
@@ -217,6 +218,9 @@ def main() -> None:
         "--snapshots",
         action="store_true",
         help="part 2 keeps its cycle snapshots in --workdir and evaluates their ensembles and weight averages",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="an override for part 1's runs, both sides"
     )
     parser.add_argument("--json", help="write every run and the summaries here")
     parser.add_argument("--plot", help="write validation loss against time (PNG) here")
