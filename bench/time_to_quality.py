@@ -71,12 +71,8 @@ def train(
         from charlm.candidates import snapshot_candidates
         from charlm.ensemble import snapshot_paths
 
-        for c in snapshot_candidates(snapshot_paths(snapshots_dir), corpus):
-            combined.append({"kind": c.kind, "members": len(c.members), "val_loss": c.val_loss})
-            print(
-                f"  {preset_name:10s} {arch} seed {seed}: {c.kind} of the last {len(c.members)} snapshots  "
-                f"val {c.val_loss:.4f}"
-            )
+        candidates = snapshot_candidates(snapshot_paths(snapshots_dir), corpus)
+        combined = [{"kind": c.kind, "members": len(c.members), "val_loss": c.val_loss} for c in candidates]
     return {
         "preset": preset_name,
         "architecture": arch,

@@ -371,10 +371,10 @@ def short_sgdr(architecture: str) -> RunConfig:
       cosine cycle of 3 epochs.
     """
     base = _stateful_base("short_sgdr", architecture)
-    data = base.data.model_copy(update={"batch_size": 64, "context": 16})
+    lstm = architecture == "stateful_lstm"
+    data = base.data.model_copy(update={"batch_size": 32, "context": 32} if lstm else {"batch_size": 64, "context": 16})
     optim = OptimConfig(grad_clip=0.5)
-    if architecture == "stateful_lstm":
-        data = data.model_copy(update={"batch_size": 32, "context": 32})
+    if lstm:
         model = base.model.model_copy(update={"hidden_size": 512, "num_layers": 1, "dropout": 0.0})
         schedule: tuple[Phase, ...] = (Phase.constant(4e-3, 1), Phase.sgdr(4e-3, cycles=1, cycle_len=1))
     else:

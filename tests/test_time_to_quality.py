@@ -4,6 +4,8 @@ graph needs, and time to quality (elapsed time, targets, the loss-against-time p
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from charlm.job import TrainResult
 from charlm.models import build_model
 from charlm.prepared import prepare_for
 from charlm.training import QUALITY_TARGETS, Trainer, time_to_targets
+from flows.params import PipelineParams
 
 CPU = torch.device("cpu")
 
@@ -232,10 +235,6 @@ def test_the_presets_beyond_the_notebook_keep_its_task():
     with pytest.raises(ValueError, match="preset awd_sgdr is for the stateful architectures .* not char_rnn"):
         preset("awd_sgdr", "char_rnn")
     assert {"awd_sgdr", "short_sgdr"} <= set(PRESETS)
-    from typing import get_args
-
-    from flows.params import PipelineParams
-
     # the pipeline's --preset offers every preset the library has
     assert set(get_args(PipelineParams.model_fields["preset_name"].annotation)) == set(PRESETS)
 
