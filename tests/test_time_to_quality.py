@@ -223,7 +223,7 @@ def test_json_overrides_replace_a_whole_schedule():
 def test_the_presets_beyond_the_notebook_keep_its_task():
     lstm = preset("awd_sgdr", "stateful_lstm")
     assert lstm.model.weight_drop > 0 and lstm.model.embedding_dropout > 0 and lstm.model.dropout > 0
-    assert [p.kind for p in lstm.schedule] == ["constant", "sgdr"] and lstm.epochs == 16
+    assert [p.kind for p in lstm.schedule] == ["constant", "sgdr"] and lstm.epochs == 64  # 1 + the notebook's 63
     fast = preset("short_sgdr", "stateful_lstm")
     assert fast.epochs == 2 and fast.model.num_layers == 1
     for config in (lstm, fast, preset("awd_sgdr", "stateful_gru"), preset("short_sgdr", "stateful_gru")):
