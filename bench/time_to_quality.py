@@ -6,6 +6,7 @@
     python bench/time_to_quality.py --lstm             # also awd_sgdr's LSTM to the notebook's best (long)
     python bench/time_to_quality.py --lstm-only --parallel   # the LSTM seeds side by side, one core each
     python bench/time_to_quality.py --lstm-only --parallel --snapshots   # and its snapshot ensembles
+    python bench/time_to_quality.py --lstm-only --parallel --set model.dropout=0.4   # a variant of it
 
 Part 1 (the GRU figure, 1.3697): for each seed, the notebook's ``stateful_gru`` schedule
 (9 epochs) and the ``short_sgdr`` preset (``--fast-arch``, default its 1 × 512 LSTM) train
@@ -129,11 +130,13 @@ def gru_part(args: argparse.Namespace) -> dict[str, Any]:
 
 def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
     if args.parallel and len(args.seeds) > 1:  # one process per seed, one torch thread each
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
         procs, outs = [], []
         for seed in args.seeds:
             out = Path(args.workdir) / f"lstm-seed{seed}.json"
             cmd = [sys.executable, __file__, "--one", f"awd_sgdr:stateful_lstm:{seed}", "--corpus", args.corpus]
             cmd += ["--workdir", args.workdir] + (["--snapshots"] if args.snapshots else [])
+            cmd += [arg for override in args.set for arg in ("--set", override)]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             procs.append(subprocess.Popen([*cmd, "--json", str(out)], env=env))
             outs.append(out)
@@ -142,7 +145,8 @@ def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
         runs = [json.loads(o.read_text()) for o in outs]
     else:
         runs = [
-            train("awd_sgdr", "stateful_lstm", seed, args.corpus, [], snapshots_dir(args, seed)) for seed in args.seeds
+            train("awd_sgdr", "stateful_lstm", seed, args.corpus, args.set, snapshots_dir(args, seed))
+            for seed in args.seeds
         ]
     print(f"\nstateful_lstm awd_sgdr, seeds {args.seeds}{' in parallel, 1 thread each' if args.parallel else ''}")
     for r in runs:
@@ -216,7 +220,11 @@ def main() -> None:
         help="part 2 keeps its cycle snapshots in --workdir and evaluates their ensembles and weight averages",
     )
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="an override for part 1's runs, both sides"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for every run it trains (part 1: both sides)",
     )
     parser.add_argument("--json", help="write every run and the summaries here")
     parser.add_argument("--plot", help="write validation loss against time (PNG) here")
@@ -225,7 +233,7 @@ def main() -> None:
 
     if args.one:
         name, arch, seed = args.one.split(":")
-        run = train(name, arch, int(seed), args.corpus, [], snapshots_dir(args, int(seed)))
+        run = train(name, arch, int(seed), args.corpus, args.set, snapshots_dir(args, int(seed)))
         Path(args.json).write_text(json.dumps(run))
         return
     started = time.perf_counter()
