@@ -13,7 +13,8 @@ Part 1 (the GRU figure, 1.3697): for each seed, the notebook's ``stateful_gru`` 
 on the same corpus, one after the other, alternating which goes first. The notebook
 schedule's wall time is the baseline; the preset's is the elapsed time at the end of the
 first epoch whose validation loss reached 1.3697. Prints both, per seed and as medians,
-and the ratio preset / notebook.
+and the ratio preset / notebook. Both sides get this process's torch threads (the whole
+machine by default, as a nightly run has it; ``OMP_NUM_THREADS=1`` gives each side one core).
 
 Part 2 (the notebook's best LSTM, 1.2524): ``awd_sgdr``'s ``stateful_lstm`` per seed;
 prints the best validation loss, the time at which 1.2524 (and 1.22) was first reached,
@@ -101,7 +102,9 @@ def gru_part(args: argparse.Namespace) -> dict[str, Any]:
     baseline = statistics.median(r["wall_time_s"] for r in notebook)
     reached = [r["time_to"].get(key) for r in preset]
     print(
-        f"\ntarget {key} (the notebook's GRU): notebook stateful_gru vs short_sgdr {args.fast_arch}, seeds {args.seeds}"
+        f"\ntarget {key} (the notebook's GRU): notebook stateful_gru vs short_sgdr {args.fast_arch}, "
+        f"seeds {args.seeds}, {runs[0]['threads']} torch thread(s), "
+        f"precision {'/'.join(sorted({r['precision'] for r in runs}))}"
     )
     for r in notebook + preset:
         t = r["time_to"].get(key)
