@@ -10,7 +10,9 @@ For each configuration, on the real corpus:
 * **batches** — building every batch of the epoch (slicing the device-resident corpus,
   the dtype cast) and the learning rate of each step, timed over the whole epoch plan;
 * **loop** — the rest of the trainer's loop per step (setting the learning rate, the loss
-  sums, hooks, the stop and checkpoint checks): the loop's time per step less the two above;
+  sums, hooks, the stop and checkpoint checks): the loop's time per step less the two above,
+  taken as the difference between ``fit`` runs of 2 × and 1 × ``--steps`` (which drops ``fit``'s
+  set-up, a fixed cost per call);
 * **validation** — one full validation pass, as each epoch runs it;
 * **checkpoints** — ``last.pt`` and ``best.pt`` as most epochs write them (median of 3 writes each);
 * **threads** — the steps' throughput with this process's torch threads against 1 (or 2).
@@ -24,6 +26,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,6 +69,8 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> 
     trainer.fit(max_steps=3)  # warm-up: allocations, oneDNN/cuDNN primitives
     plan = trainer.train_layout.plan(0, config.seed, True)
     n = len(plan)
+    if 3 + 3 * trials * steps > n:  # the loop's runs must stay inside the first epoch (no validation)
+        raise SystemExit(f"--steps {steps} x --trials {trials}: too many for one epoch of {n} steps of {preset_name}")
 
     per_step = timed(step_runner(trainer, plan, steps), trials) / steps
     lr_at, layout = trainer.schedule.lr, trainer.train_layout
@@ -77,10 +82,13 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> 
 
     batches = timed(build_all, 3)
 
-    def loop() -> None:  # the trainer's own loop: batches, lr, steps, loss sums, hooks, stop checks
-        trainer.fit(max_steps=trainer.step + steps)
+    def loop(length: int) -> Callable[[], object]:
+        # the trainer's own loop: batches, lr, steps, loss sums, hooks, stop checks
+        return lambda: trainer.fit(max_steps=trainer.step + length)
 
-    in_loop = timed(loop, trials) / steps
+    # fit() has a fixed cost per call (its set-up), so the loop's cost per step is the
+    # difference between runs of 2 x steps and of steps, not one run's time over its steps
+    in_loop = (timed(loop(2 * steps), trials) - timed(loop(steps), trials)) / steps
     costs = {
         "steps": per_step * n,
         "batches": batches,
