@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CORPUS_URI ?= $(if $(wildcard ../shared/data/nietzsche.txt),../shared/data/nietzsche.txt,s3://text-datasets/nietzsche.txt)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test lint bench bench-gpu clean
+.PHONY: setup run test lint bench bench-gpu gpu-pack clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -41,6 +41,9 @@ bench:
 
 bench-gpu:  ## the GPU figures (one GPU, under 5 minutes)
 	PY=$(PY) bench/gpu_check.sh
+
+gpu-pack:  ## pack the wheels and corpus a GPU machine without network lacks into .gpu/ (bench/gpu_wheelhouse.py)
+	$(PY) bench/gpu_wheelhouse.py
 
 clean:
 	rm -rf $(VENV) runs mlruns mlflow.db .charlm .pytest_cache

@@ -4,14 +4,27 @@
 #   bench/gpu_check.sh                      # with the project installed in .venv (a CUDA build of torch)
 #   PY=python3 bench/gpu_check.sh           # another interpreter
 #
+# On the GPU machine this project is lent (no network, no .venv, the corpus beside the
+# checkout not carried): first `python bench/gpu_wheelhouse.py` here, which packs the missing
+# wheels and the corpus into .gpu/; the device call carries .gpu and runs this script, which
+# installs the wheels under /tmp and reads the corpus from there.
+#
 # Prints chars/s of the GRU and the LSTM at fp32 and mixed precision, eager against a
 # CUDA graph at a fixed shape, the wall time of the notebook's LSTM schedule (17 epochs)
 # and a 1-GPU NCCL DDP task through the pipeline. Each part has its own time limit so a
 # slow part cannot take the others down with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+if [ -z "${PY:-}" ]; then [ -x .venv/bin/python ] && PY=.venv/bin/python || PY=python3; fi
 CORPUS=${CORPUS:-../shared/data/nietzsche.txt}
+if [ -d .gpu/whl ]; then  # packed by bench/gpu_wheelhouse.py
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/charlm-site .gpu/whl/*.whl ||
+    { echo "gpu_check: installing .gpu/whl failed"; exit 1; }
+  export PYTHONPATH="/tmp/charlm-site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/charlm-site/bin:$PATH"
+  [ -f "$CORPUS" ] || CORPUS=.gpu/nietzsche.txt
+fi
+export PYTHONUNBUFFERED=1
+"$PY" -c "import torch, charlm, flows.pipeline; print('torch', torch.__version__)" || { echo "gpu_check: imports fail"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 timeout 100 "$PY" bench/gpu_check.py --corpus "$CORPUS" --parts 1 || echo "part 1-2: exit $?"
 timeout 80 "$PY" bench/gpu_check.py --corpus "$CORPUS" --parts 3 || echo "part 3: exit $? (124: over 80 s)"
