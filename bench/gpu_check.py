@@ -54,14 +54,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--parts", type=int, nargs="+", default=[1, 3, 4], help="1: throughput, 3: schedule, 4: DDP")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_check: no CUDA device visible to torch")
-    print(
-        f"{torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
-        f"cuDNN {torch.backends.cudnn.version()}",
-        flush=True,
+    parser.add_argument(
+        "--backend", default="nccl", help="part 4's DDP backend (gloo runs part 4 on a CPU: a check of its plumbing)"
     )
+    args = parser.parse_args()
+    args.corpus = str(Path(args.corpus).resolve())  # part 4 runs the pipeline from a temporary directory
+    if not Path(args.corpus).is_file():
+        raise SystemExit(f"gpu_check: corpus {args.corpus} not found (--corpus)")
+    if (1 in args.parts or 3 in args.parts or args.backend == "nccl") and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device visible to torch")
+    if torch.cuda.is_available():
+        print(
+            f"{torch.cuda.get_device_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+            f"cuDNN {torch.backends.cudnn.version()}",
+            flush=True,
+        )
     text = read_corpus(args.corpus)
 
     if 1 in args.parts:
@@ -103,13 +110,14 @@ def main() -> None:
             }
             command = [
                 sys.executable, "-m", "flows.pipeline", "--corpus-uri", args.corpus, "--preset", "tiny",
-                "--arch", "stateful_lstm", "--ddp", "--nproc-per-node", "1", "--backend", "nccl",
+                "--arch", "stateful_lstm", "--ddp", "--nproc-per-node", "1", "--backend", args.backend,
             ]  # fmt: skip
             started = time.perf_counter()
             done = subprocess.run(command, env=env, cwd=home, capture_output=True, text=True)
             tail = (done.stdout + done.stderr).strip().splitlines()[-6:]
             print(
-                f"\n4. 1-GPU NCCL DDP task through the pipeline: exit {done.returncode} in "
+                f"\n4. 1-{'GPU' if args.backend == 'nccl' else 'process'} {args.backend.upper()} DDP task "
+                f"through the pipeline: exit {done.returncode} in "
                 f"{time.perf_counter() - started:.0f} s"
             )
             print("\n".join("   " + line for line in tail))
