@@ -6,13 +6,14 @@
 For each configuration, on the real corpus:
 
 * **steps** — forward, backward, clipping and Adam (``Trainer.train_step``), the median
-  of ``--trials`` timings of ``--steps`` steps, scaled to the epoch's number of steps;
+  of ``--trials`` timings of ``--steps`` steps, scaled to the epoch's characters (with a random
+  bptt the steps differ in length);
 * **batches** — building every batch of the epoch (slicing the device-resident corpus,
   the dtype cast) and the learning rate of each step, timed over the whole epoch plan;
 * **loop** — the rest of the trainer's loop per step (setting the learning rate, the loss
-  sums, hooks, the stop and checkpoint checks): the loop's time per step less the two above,
-  taken as the difference between ``fit`` runs of 2 × and 1 × ``--steps`` (which drops ``fit``'s
-  set-up, a fixed cost per call);
+  sums, hooks, the stop and checkpoint checks): the time ``fit`` spends outside its steps, less
+  the batches, taken as the difference between ``fit`` runs of 2 × and 1 × ``--steps`` (which
+  drops ``fit``'s set-up, a fixed cost per call);
 * **validation** — one full validation pass, as each epoch runs it;
 * **checkpoints** — ``last.pt`` and ``best.pt`` as most epochs write them (median of 3 writes each);
 * **threads** — the steps' throughput with this process's torch threads against 1 (or 2).
@@ -49,7 +50,9 @@ def timed(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def step_runner(trainer: Trainer, plan: list, steps: int):
+def step_runner(trainer: Trainer, plan: list, steps: int) -> tuple[Callable[[], None], int]:
+    """``steps`` optimiser steps on the epoch's first batches, and how many characters they hold
+    (with a random bptt the batches differ in length, so costs scale by characters, not steps)."""
     batches = [trainer.train_layout.batch(plan[i % len(plan)]) for i in range(steps)]
 
     def run() -> None:
@@ -58,7 +61,7 @@ def step_runner(trainer: Trainer, plan: list, steps: int):
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
 
-    return run
+    return run, sum(targets.numel() for _, targets in batches)
 
 
 def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> None:
@@ -72,8 +75,10 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> 
     if 3 + 3 * trials * steps > n:  # the loop's runs must stay inside the first epoch (no validation)
         raise SystemExit(f"--steps {steps} x --trials {trials}: too many for one epoch of {n} steps of {preset_name}")
 
-    per_step = timed(step_runner(trainer, plan, steps), trials) / steps
+    run_steps, chars = step_runner(trainer, plan, steps)
+    per_char = timed(run_steps, trials) / chars
     lr_at, layout = trainer.schedule.lr, trainer.train_layout
+    epoch_chars = sum(layout.batch(item)[1].numel() for item in plan)
 
     def build_all() -> None:
         for index, item in enumerate(plan):
@@ -82,28 +87,48 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> 
 
     batches = timed(build_all, 3)
 
-    def loop(length: int) -> Callable[[], object]:
-        # the trainer's own loop: batches, lr, steps, loss sums, hooks, stop checks
-        return lambda: trainer.fit(max_steps=trainer.step + length)
+    # the trainer's own loop (batches, lr, loss sums, hooks, stop checks) around its steps: the
+    # time fit() spends outside train_step, timed on the steps fit() itself runs (with a random
+    # bptt those differ in length from the ones above); fit() also has a fixed set-up cost per
+    # call, so the cost per step is the difference between runs of 2 x steps and of steps
+    inside = [0.0]
+    step = trainer.train_step
 
-    # fit() has a fixed cost per call (its set-up), so the loop's cost per step is the
-    # difference between runs of 2 x steps and of steps, not one run's time over its steps
-    in_loop = (timed(loop(2 * steps), trials) - timed(loop(steps), trials)) / steps
+    def timed_step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        loss = step(inputs, targets)
+        inside[0] += time.perf_counter() - started
+        return loss
+
+    trainer.train_step = timed_step  # type: ignore[method-assign]
+
+    def outside(length: int) -> Callable[[], object]:
+        def run() -> float:
+            inside[0], started = 0.0, time.perf_counter()
+            trainer.fit(max_steps=trainer.step + length)
+            return time.perf_counter() - started - inside[0]
+
+        return run
+
+    def median_outside(length: int) -> float:
+        return statistics.median(outside(length)() for _ in range(trials))
+
+    in_loop = (median_outside(2 * steps) - median_outside(steps)) / steps
+    trainer.train_step = step  # type: ignore[method-assign]
     costs = {
-        "steps": per_step * n,
+        "steps": per_char * epoch_chars,
         "batches": batches,
-        "loop": max(in_loop - per_step - batches / n, 0.0) * n,
+        "loop": max(in_loop - batches / n, 0.0) * n,
         "validation": timed(trainer.evaluate, 3),
         "checkpoints": 2 * timed(lambda: trainer._write("last", {}), 3),
     }
     default_threads = torch.get_num_threads()
     other = 1 if default_threads > 1 else 2
     torch.set_num_threads(other)
-    other_per_step = timed(step_runner(trainer, plan, steps), trials) / steps
+    other_per_char = timed(run_steps, trials) / chars
     torch.set_num_threads(default_threads)
 
     total = sum(costs.values())
-    chars = config.data.batch_size * config.data.context
     print(
         f"\n{arch} / {preset_name}: {n} steps an epoch of {config.data.batch_size} x {config.data.context}, "
         f"{trainer.precision}, {default_threads} threads — {total:.1f} s an epoch"
@@ -111,8 +136,8 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> 
     for name, seconds in costs.items():
         print(f"  {name:12s} {seconds:8.2f} s  {100 * seconds / total:5.1f}%")
     print(
-        f"  threads      steps at {chars / per_step:,.0f} chars/s with {default_threads} torch thread(s), "
-        f"{chars / other_per_step:,.0f} with {other}: speed ratio {other_per_step / per_step:.2f}"
+        f"  threads      steps at {1 / per_char:,.0f} chars/s with {default_threads} torch thread(s), "
+        f"{1 / other_per_char:,.0f} with {other}: speed ratio {other_per_char / per_char:.2f}"
     )
 
 
