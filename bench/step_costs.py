@@ -102,16 +102,13 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> 
 
     trainer.train_step = timed_step  # type: ignore[method-assign]
 
-    def outside(length: int) -> Callable[[], object]:
-        def run() -> float:
-            inside[0], started = 0.0, time.perf_counter()
-            trainer.fit(max_steps=trainer.step + length)
-            return time.perf_counter() - started - inside[0]
-
-        return run
+    def outside(length: int) -> float:
+        inside[0], started = 0.0, time.perf_counter()
+        trainer.fit(max_steps=trainer.step + length)
+        return time.perf_counter() - started - inside[0]
 
     def median_outside(length: int) -> float:
-        return statistics.median(outside(length)() for _ in range(trials))
+        return statistics.median(outside(length) for _ in range(trials))
 
     in_loop = (median_outside(2 * steps) - median_outside(steps)) / steps
     trainer.train_step = step  # type: ignore[method-assign]
