@@ -25,9 +25,20 @@ import torch
 from charlm.config import notebook
 from charlm.data import read_corpus
 from charlm.prepared import prepare_for
-from charlm.training import Trainer
+from charlm.training import Callback, Trainer
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nietzsche.txt"
+
+
+class EpochClock(Callback):
+    """One line per epoch, so a part stopped at its time limit still shows how far it got."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        elapsed = time.perf_counter() - self.started
+        print(f"   epoch {epoch}: val {metrics.get('val_loss', float('nan')):.4f} at {elapsed:.1f} s", flush=True)
 
 
 def throughput(config, corpus, steps: int, trials: int) -> tuple[float, str]:
@@ -91,7 +102,8 @@ def main() -> None:
 
     if 3 in args.parts:
         config = notebook("stateful_lstm").override({"progress": False, "device": "cuda"})
-        trainer = Trainer(config, prepare_for(config, text))
+        trainer = Trainer(config, prepare_for(config, text), callbacks=[EpochClock()])
+        print(f"\n3. notebook LSTM schedule, {trainer.precision}:", flush=True)
         result = trainer.fit()
         print(
             f"\n3. notebook LSTM schedule ({config.epochs} epochs, {trainer.precision}): {result.wall_time:.1f} s, "

@@ -28,5 +28,5 @@ export PYTHONUNBUFFERED=1
 "$PY" -c "import flows.pipeline" || echo "gpu_check: the pipeline does not import (above), so part 4 will fail"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 timeout 100 "$PY" bench/gpu_check.py --corpus "$CORPUS" --parts 1 || echo "part 1-2: exit $?"
-timeout 80 "$PY" bench/gpu_check.py --corpus "$CORPUS" --parts 3 || echo "part 3: exit $? (124: over 80 s)"
-timeout 110 "$PY" bench/gpu_check.py --corpus "$CORPUS" --parts 4 || echo "part 4: exit $?"
+timeout 90 "$PY" bench/gpu_check.py --corpus "$CORPUS" --parts 3 || echo "part 3: exit $? (124: over 90 s)"
+timeout 100 "$PY" bench/gpu_check.py --corpus "$CORPUS" --parts 4 || echo "part 4: exit $?"
