@@ -1,8 +1,9 @@
 """The GPU figures, in one run on one GPU (``bench/gpu_check.sh`` wraps it with a time limit).
 
-1. chars/s of the notebook's GRU and LSTM, fp32 against the mixed precision ``auto`` picks
-   (bf16 where cuDNN's RNNs run it, else fp16 with a gradient scaler), eager;
-2. the same at a fixed shape (``data.fixed_shape``, bptt 8): eager against ``cuda_graph``;
+1. chars/s of the notebook's GRU and LSTM, eager, fp32 against mixed precision (bf16 where
+   cuDNN's RNNs run it, else fp16 with a gradient scaler);
+2. the same at a fixed shape (``data.fixed_shape``, bptt 8): eager against ``cuda_graph``, in
+   fp32 and in bf16;
 3. the wall time of the notebook's LSTM schedule (17 epochs), precision ``auto``;
 4. a 1-GPU NCCL DDP task through the pipeline (``--ddp``, tiny preset, embedded Prefect and MLflow).
 
@@ -24,6 +25,7 @@ import torch
 
 from charlm.config import notebook
 from charlm.data import read_corpus
+from charlm.device import PrecisionError, resolve_precision
 from charlm.prepared import prepare_for
 from charlm.training import Callback, Trainer
 
@@ -41,7 +43,9 @@ class EpochClock(Callback):
         print(f"   epoch {epoch}: val {metrics.get('val_loss', float('nan')):.4f} at {elapsed:.1f} s", flush=True)
 
 
-def throughput(config, corpus, steps: int, trials: int) -> tuple[float, str]:
+def throughput(config, corpus, steps: int, trials: int) -> tuple[float, str, float]:
+    """Median chars/s over ``trials`` passes of ``steps`` training steps, the precision, and the
+    mean loss of the last pass (a graph that trains wrongly is fast too: its losses give it away)."""
     trainer = Trainer(config, corpus)
     layout = trainer.train_layout
     plan = layout.plan(0, config.seed, True)
@@ -50,13 +54,24 @@ def throughput(config, corpus, steps: int, trials: int) -> tuple[float, str]:
         trainer.train_step(inputs, targets)
     speeds = []
     for _ in range(trials):
+        total = torch.zeros((), device=trainer.device)
         torch.cuda.synchronize()
         started = time.perf_counter()
         for inputs, targets in batches:
-            trainer.train_step(inputs, targets)
+            total += trainer.train_step(inputs, targets)
         torch.cuda.synchronize()
         speeds.append(sum(t.numel() for _, t in batches) / (time.perf_counter() - started))
-    return statistics.median(speeds), trainer.precision
+    return statistics.median(speeds), trainer.precision, total.item() / len(batches)
+
+
+def mixed_precision(device: torch.device) -> str:
+    """bf16 where this GPU's cuDNN trains RNNs in it, else fp16, else fp32."""
+    for name in ("bf16", "fp16"):
+        try:
+            return resolve_precision(name, device)
+        except PrecisionError:
+            continue
+    return "fp32"
 
 
 def main() -> None:
@@ -83,22 +98,25 @@ def main() -> None:
     text = read_corpus(args.corpus)
 
     if 1 in args.parts:
-        print("\n1-2. eager, fp32 against mixed precision (notebook sizes and batches); eager against a CUDA graph")
-    for arch in ("stateful_gru", "stateful_lstm") if 1 in args.parts else ():
-        base = notebook(arch).override({"progress": False, "device": "cuda"})
-        corpus = prepare_for(base, text)
-        fp32, _ = throughput(base.override({"precision": "fp32"}), corpus, args.steps, args.trials)
-        mixed, precision = throughput(base.override({"precision": "auto"}), corpus, args.steps, args.trials)
-        print(f"  {arch}: fp32 {fp32:,.0f} chars/s, {precision} {mixed:,.0f} chars/s, ratio {mixed / fp32:.2f}")
-
-        fixed = base.override({"data.random_bptt": False, "data.fixed_shape": True})
-        eager, precision = throughput(fixed, corpus, args.steps, args.trials)
-        graphed, _ = throughput(fixed.override({"cuda_graph": True}), corpus, args.steps, args.trials)
+        mixed_name = mixed_precision(torch.device("cuda"))
         print(
-            f"  {arch} fixed shape, {precision}: eager {eager:,.0f} chars/s, CUDA graph {graphed:,.0f} chars/s, "
-            f"ratio {graphed / eager:.2f}",
-            flush=True,
+            f"\n1-2. notebook sizes and batches: eager fp32 against {mixed_name} autocast; at a fixed shape "
+            f"(bptt 8), eager against a CUDA graph, fp32 and {mixed_name}. (mean loss of each last pass)"
         )
+    for arch in ("stateful_gru", "stateful_lstm") if 1 in args.parts else ():
+        base = notebook(arch).override({"progress": False, "device": "cuda", "precision": "fp32"})
+        corpus = prepare_for(base, text)
+        run = {"fp32": throughput(base, corpus, args.steps, args.trials)}
+        run[mixed_name] = throughput(base.override({"precision": mixed_name}), corpus, args.steps, args.trials)
+        fixed = base.override({"data.random_bptt": False, "data.fixed_shape": True})
+        run["fixed fp32"] = throughput(fixed, corpus, args.steps, args.trials)
+        for name in ("fp32", mixed_name) if mixed_name != "fp16" else ("fp32",):  # fp16's scaler is not graphed
+            graphed = fixed.override({"cuda_graph": True, "precision": name})
+            run[f"fixed {name} graph"] = throughput(graphed, corpus, args.steps, args.trials)
+        print(f"  {arch}:")
+        for label, (speed, _, loss) in run.items():
+            ratio = speed / run["fixed fp32" if label.startswith("fixed") else "fp32"][0]
+            print(f"    {label:18s} {speed:>11,.0f} chars/s  ratio {ratio:5.2f}  loss {loss:.3f}", flush=True)
 
     if 3 in args.parts:
         config = notebook("stateful_lstm").override({"progress": False, "device": "cuda"})

@@ -73,7 +73,7 @@ def train(
         from charlm.candidates import snapshot_candidates
         from charlm.ensemble import snapshot_paths
 
-        candidates = snapshot_candidates(snapshot_paths(snapshots_dir), corpus)
+        candidates = snapshot_candidates(snapshot_paths(snapshots_dir), corpus, device=str(trainer.device))
         combined = [{"kind": c.kind, "members": len(c.members), "val_loss": c.val_loss} for c in candidates]
     return {
         "preset": preset_name,

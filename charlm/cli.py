@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
-        help="autocast: auto = bf16/fp16 where the device runs them natively, else fp32 (default: auto)",
+        help="autocast: auto = bf16 on a CPU with AVX512-BF16/AMX, else fp32 (on a GPU too: faster there "
+        "for these models); bf16 or fp16 asks for it (default: auto)",
     )
     p.add_argument("--max-steps", type=_count(1), help="stop after this many optimizer steps (and save last.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints in --out")

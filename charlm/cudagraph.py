@@ -93,6 +93,9 @@ class GraphedStep:
 
     def _capture(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         t = self.trainer
+        # The warm-up's last state still holds its autograd graph, whose AccumulateGrad nodes
+        # belong to the side stream: captured beside them, torch warns of a stream mismatch.
+        t.state = map_state(t.state, lambda s: s.detach())
         self.static_inputs, self.static_targets = inputs.clone(), targets.clone()
         state = t.module.carry_state(t.state, inputs.shape[0], t.device)
         self.static_state = map_state(state, lambda s: s.detach().clone())

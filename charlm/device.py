@@ -115,9 +115,12 @@ def _trains_in(dtype: torch.dtype, device: torch.device, cell: type[torch.nn.Mod
 def resolve_precision(requested: str, device: torch.device, cell: type[torch.nn.Module] = torch.nn.LSTM) -> str:
     """``fp32``, ``bf16`` or ``fp16``: what a model trains in on ``device`` for ``requested``.
 
-    ``auto``: on a GPU, bf16 when its RNN kernels run in bf16, else fp16 (with a gradient
-    scaler), else fp32; on a CPU, bf16 only where it is native (:func:`cpu_has_native_bf16`),
-    else fp32. An explicit request the device cannot honour for ``cell`` (the model's recurrent
+    ``auto``: on a GPU, fp32 — measured on an H200 (``bench/gpu_check.sh``), bf16 autocast ran
+    the notebook's GRU and LSTM at 0.84x their fp32 speed: a char-RNN step there is bound by
+    kernel launches, and autocast adds casts (``bf16``/``fp16`` are there to ask for); on a
+    CPU, bf16 only where it is native (:func:`cpu_has_native_bf16`), else fp32. An explicit
+    request for bf16 or fp16 on a GPU is probed: bf16 where its RNN kernels run it, fp16 with a
+    gradient scaler. An explicit request the device cannot honour for ``cell`` (the model's recurrent
     layer) raises :class:`PrecisionError`; explicit bf16 on a CPU without native bf16 is honoured
     where it runs at all, with a warning that it is emulated and slow.
     Weights, the loss and the optimizer state stay fp32 in every mode (autocast).
@@ -127,12 +130,10 @@ def resolve_precision(requested: str, device: torch.device, cell: type[torch.nn.
     if requested == "fp32":
         return "fp32"
     if device.type == "cuda":
-        candidates = ["bf16", "fp16"] if requested == "auto" else [requested]
-        for name in candidates:
-            if _trains_in(_DTYPES[name], device, cell):
-                return name
         if requested == "auto":
             return "fp32"
+        if _trains_in(_DTYPES[requested], device, cell):
+            return requested
         raise PrecisionError(f"precision {requested!r}: this GPU's cuDNN build does not train RNNs in {requested}")
     if requested == "fp16":
         raise PrecisionError("precision 'fp16' is for CUDA devices; on the CPU use bf16 (where native) or fp32")

@@ -299,9 +299,7 @@ class Trainer:
             config.precision, self.device, type(rnn) if isinstance(rnn, nn.RNNBase) else nn.Linear
         )
         if config.cuda_graph and self.precision == "fp16":
-            if config.precision != "auto":
-                raise PrecisionError("cuda_graph with fp16 (a dynamic gradient scaler): set precision=bf16 or fp32")
-            self.precision = "fp32"  # auto, on a GPU without bf16 RNNs: a graph without a loss scaler
+            raise PrecisionError("cuda_graph with fp16 (a dynamic gradient scaler): set precision=bf16 or fp32")
         self.amp_dtype = autocast_dtype(self.precision)
         # fp16 needs loss scaling; a fused optimizer takes the scale and the inf check on the GPU (no sync).
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")

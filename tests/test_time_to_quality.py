@@ -83,6 +83,14 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it():
         resolve_precision("fp16", CPU)
 
 
+def test_auto_precision_on_a_gpu_is_fp32():
+    """Measured on an H200: bf16 autocast ran the notebook's models at 0.84x fp32 (launch-bound
+    steps), so a GPU trains in fp32 unless bf16 or fp16 is asked for. (No CUDA call is needed
+    to decide it, so this runs on any host.)"""
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda:1")) == "fp32"
+
+
 def test_explicit_bf16_an_lstm_cannot_run_is_a_clear_error(small_text):
     config = tiny("stateful_lstm").override({"precision": "bf16"})
     corpus = prepare_for(config, small_text)
