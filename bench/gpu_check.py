@@ -40,7 +40,8 @@ class EpochClock(Callback):
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         elapsed = time.perf_counter() - self.started
-        print(f"   epoch {epoch}: val {metrics.get('val_loss', float('nan')):.4f} at {elapsed:.1f} s", flush=True)
+        val = metrics.get("val_loss", float("nan"))
+        print(f"   epoch {epoch + 1}/{trainer.config.epochs}: val {val:.4f} at {elapsed:.1f} s", flush=True)
 
 
 def throughput(config, corpus, steps: int, trials: int) -> tuple[float, str, float]:
@@ -124,7 +125,7 @@ def main() -> None:
         print(f"\n3. notebook LSTM schedule, {trainer.precision}:", flush=True)
         result = trainer.fit()
         print(
-            f"\n3. notebook LSTM schedule ({config.epochs} epochs, {trainer.precision}): {result.wall_time:.1f} s, "
+            f"   the notebook's LSTM schedule ({config.epochs} epochs, {trainer.precision}): {result.wall_time:.1f} s, "
             f"best val {result.best_val_loss:.4f}",
             flush=True,
         )
