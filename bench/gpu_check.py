@@ -58,7 +58,7 @@ def throughput(config, corpus, steps: int, trials: int) -> tuple[float, str, flo
         total = torch.zeros((), device=trainer.device)
         torch.cuda.synchronize()
         started = time.perf_counter()
-        for inputs, targets in batches:
+        for inputs, targets in batches:  # summed as it goes: a graph returns the same loss buffer each step
             total += trainer.train_step(inputs, targets)
         torch.cuda.synchronize()
         speeds.append(sum(t.numel() for _, t in batches) / (time.perf_counter() - started))

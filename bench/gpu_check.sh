@@ -15,15 +15,7 @@
 # slow part cannot take the others down with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${PY:-}" ]; then [ -x .venv/bin/python ] && PY=.venv/bin/python || PY=python3; fi
-CORPUS=${CORPUS:-../shared/data/nietzsche.txt}
-if [ -d .gpu/whl ]; then  # packed by bench/gpu_wheelhouse.py
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/charlm-site .gpu/whl/*.whl ||
-    { echo "gpu_check: installing .gpu/whl failed"; exit 1; }
-  export PYTHONPATH="/tmp/charlm-site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="/tmp/charlm-site/bin:$PATH"
-  [ -f "$CORPUS" ] || CORPUS=.gpu/nietzsche.txt
-fi
-export PYTHONUNBUFFERED=1
+. bench/gpu_env.sh
 "$PY" -c "import torch, charlm; print('torch', torch.__version__)" || { echo "gpu_check: torch or charlm does not import"; exit 1; }
 "$PY" -c "import flows.pipeline" || echo "gpu_check: the pipeline does not import (above), so part 4 will fail"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true

@@ -8,18 +8,14 @@
 #   SEEDS="0 1 2 3" LIMIT=900 bash bench/gpu_quality.sh ...    # more seeds, a longer limit (240 s)
 #
 # Each argument is one variant: space-separated KEY=VALUE overrides of awd_sgdr ("" is the
-# preset). Run after bench/gpu_check.sh on the lent machine (it installs .gpu/whl). Variant N's
+# preset). On the lent machine it uses .gpu/ as bench/gpu_check.sh does (bench/gpu_env.sh). Variant N's
 # console (one line per epoch and seed, then bench/time_to_quality.py's summary with the
 # snapshot ensembles) goes to $LOGS/quality-N.log, headed by its overrides; a variant stopped
 # at the limit still leaves its epoch lines there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${PY:-}" ]; then [ -x .venv/bin/python ] && PY=.venv/bin/python || PY=python3; fi
-[ -d /tmp/charlm-site ] && export PYTHONPATH="/tmp/charlm-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-CORPUS=${CORPUS:-../shared/data/nietzsche.txt}
-[ -f "$CORPUS" ] || CORPUS=.gpu/nietzsche.txt
+. bench/gpu_env.sh
 LIMIT=${LIMIT:-240} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SEEDS:-0 1}
-export PYTHONUNBUFFERED=1
 [ $# -gt 0 ] || set -- "" "model.hidden_size=768"
 n=0
 for variant in "$@"; do

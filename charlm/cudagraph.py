@@ -93,12 +93,11 @@ class GraphedStep:
 
     def _capture(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         t = self.trainer
-        # The warm-up's last state still holds its autograd graph, whose AccumulateGrad nodes
-        # belong to the side stream: captured beside them, torch warns of a stream mismatch.
-        t.state = map_state(t.state, lambda s: s.detach())
         self.static_inputs, self.static_targets = inputs.clone(), targets.clone()
-        state = t.module.carry_state(t.state, inputs.shape[0], t.device)
-        self.static_state = map_state(state, lambda s: s.detach().clone())
+        # Replacing the trainer's state drops the warm-up's autograd graph, whose AccumulateGrad
+        # nodes belong to the side stream: kept alive into the capture, torch warns of a mismatch.
+        t.state = t.module.carry_state(t.state, inputs.shape[0], t.device)
+        self.static_state = map_state(t.state, lambda s: s.detach().clone())
         clip = t.config.optim.grad_clip
         t.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
