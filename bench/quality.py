@@ -78,6 +78,9 @@ def train_one(args, seed: int) -> dict:
 
 
 def main() -> None:
+    from charlm.device import flush_denormals
+
+    flush_denormals()  # as charlm's CLI and workers do, before torch's thread pool starts
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="stateful_gru")
     parser.add_argument("--preset", default="notebook")

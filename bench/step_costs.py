@@ -139,6 +139,9 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> 
 
 
 def main() -> None:
+    from charlm.device import flush_denormals
+
+    flush_denormals()  # as charlm's CLI and workers do, before torch's thread pool starts
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     parser.add_argument("--only", nargs="+", default=DEFAULT, metavar="ARCH:PRESET")

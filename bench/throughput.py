@@ -88,6 +88,9 @@ def library_loop(config, corpus, steps, warmup, device):
 
 
 def main() -> None:
+    from charlm.device import flush_denormals
+
+    flush_denormals()  # as charlm's CLI and workers do, before torch's thread pool starts
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["stateful_gru", "stateful_lstm"])
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))

@@ -209,6 +209,9 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
 
 
 def main() -> None:
+    from charlm.device import flush_denormals
+
+    flush_denormals()  # as charlm's CLI and workers do, before torch's thread pool starts
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

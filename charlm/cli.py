@@ -127,6 +127,9 @@ class _EpochPrinter:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from charlm.device import flush_denormals
+
+    flush_denormals()  # first, before torch's thread pool exists: its threads inherit it
     from charlm import prepared
     from charlm.job import TrainJob, run_job
 
@@ -333,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
-        help="autocast: auto = bf16 on a CPU with AVX512-BF16/AMX, else fp32 (on a GPU too: faster there "
-        "for these models); bf16 or fp16 asks for it (default: auto)",
+        help="autocast: auto = bf16 on a CPU with AVX512-BF16/AMX where the model's step measures faster in "
+        "it, else fp32 (on a GPU too: faster there for these models); bf16 or fp16 asks for it (default: auto)",
     )
     p.add_argument("--max-steps", type=_count(1), help="stop after this many optimizer steps (and save last.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints in --out")

@@ -128,8 +128,9 @@ class RunConfig(_Strict):
     progress: bool = Field(True, description="show a progress bar when stderr is a terminal")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="autocast: 'auto' is bf16 on a CPU with AVX512-BF16/AMX and fp32 elsewhere, a GPU included "
-        "(measured faster there for these models); 'bf16' or 'fp16' (with a gradient scaler) asks for it",
+        description="autocast: 'auto' is bf16 on a CPU with AVX512-BF16/AMX where the trainer measures the "
+        "model's step faster in it, and fp32 elsewhere, a GPU included (measured faster there for these "
+        "models); 'bf16' or 'fp16' (with a gradient scaler) asks for it",
     )
     cuda_graph: bool = Field(
         False, description="capture the whole training step in a CUDA graph (needs data.fixed_shape and one GPU)"

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as torch_dist
 from pydantic import BaseModel, ConfigDict
 
-from charlm.device import placement
+from charlm.device import flush_denormals, placement
 from charlm.job import RESUME_LAST, TrainJob, TrainResult, run_job
 from charlm.training import DistInfo
 
@@ -53,6 +53,7 @@ class WorkerSpec(BaseModel):
 
 def run(spec_json: str) -> TrainResult | None:
     """One rank's work; returns the result on rank 0 (None elsewhere)."""
+    flush_denormals()  # before torch's thread pool exists: its threads inherit it
     spec = WorkerSpec.model_validate_json(spec_json)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")  # epoch lines
     launcher_rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

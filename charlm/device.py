@@ -15,6 +15,10 @@ In a DDP job, local rank ``r`` takes the ``r``-th of the GPUs allotted to the jo
 from __future__ import annotations
 
 import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -118,7 +122,9 @@ def resolve_precision(requested: str, device: torch.device, cell: type[torch.nn.
     ``auto``: on a GPU, fp32 — measured on an H200 (``bench/gpu_check.sh``), bf16 autocast ran
     the notebook's GRU and LSTM at 0.84x their fp32 speed: a char-RNN step there is bound by
     kernel launches, and autocast adds casts (``bf16``/``fp16`` are there to ask for); on a
-    CPU, bf16 only where it is native (:func:`cpu_has_native_bf16`), else fp32. An explicit
+    CPU, bf16 only where it is native (:func:`cpu_has_native_bf16`) — a candidate, which the
+    :class:`~charlm.training.Trainer` keeps only if it measures it faster than fp32 for the model
+    it trains (:func:`measure_precisions`, :func:`faster_precision`) — else fp32. An explicit
     request for bf16 or fp16 on a GPU is probed: bf16 where its RNN kernels run it, fp16 with a
     gradient scaler. An explicit request the device cannot honour for ``cell`` (the model's recurrent
     layer) raises :class:`PrecisionError`; explicit bf16 on a CPU without native bf16 is honoured
@@ -151,6 +157,55 @@ def resolve_precision(requested: str, device: torch.device, cell: type[torch.nn.
         "precision bf16 on a CPU without AVX512-BF16 or AMX (%s): emulated, many times slower than fp32", capability
     )
     return "bf16"
+
+
+def flush_denormals() -> bool:
+    """Flush denormal floats to zero on the CPU (FTZ/DAZ) for the rest of this process, unless
+    ``CHARLM_KEEP_DENORMALS=1``; returns whether it is on.
+
+    An fp32 LSTM's training drifts into denormal numbers within tens of steps, and the CPU
+    computes with them many times slower: on this project's Intel Xeon, the notebook's 2 x 512
+    LSTM trained at ~1.6K chars/s in fp32 without flushing and ~4.4K with (``bench/precision.py
+    --denormals``); fresh weights ran fast either way. Values below ~1.2e-38 become zero, far below
+    what a loss in nats can see. The setting is per thread and a thread inherits it when it is
+    created, so call this before torch starts its thread pool (charlm's CLI and its DDP workers
+    do, first thing); called later, the pool's existing threads keep denormals."""
+    if os.environ.get("CHARLM_KEEP_DENORMALS", "") in ("1", "true", "yes"):
+        return False
+    return bool(torch.set_flush_denormal(True))
+
+
+# A CPU's bf16 must beat fp32's step time by this much to be chosen by ``auto``: fp32 is exact,
+# and a smaller gain is within what two timings of the same step differ by on a busy machine.
+BF16_STEP_RATIO = 0.9
+
+
+def measure_precisions(step: Callable[[torch.dtype | None], object], trials: int = 3) -> dict[str, float]:
+    """Median seconds of ``step`` in fp32 (``None``) and in bf16: one forward and backward pass of
+    the model being trained, at its batch's shape, on a copy. A warm-up of each first (oneDNN
+    builds its primitives), then ``trials`` of each, alternating which goes first, so noise
+    from the rest of the machine falls on both alike."""
+    dtypes: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+    seconds: dict[str, list[float]] = {name: [] for name in dtypes}
+    for dtype in dtypes.values():
+        step(dtype)
+    for trial in range(trials):
+        for name in list(dtypes)[:: 1 if trial % 2 == 0 else -1]:
+            started = time.perf_counter()
+            step(dtypes[name])
+            seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
+def faster_precision(seconds: dict[str, float]) -> str:
+    """``bf16`` where its measured step took at most :data:`BF16_STEP_RATIO` of fp32's, else ``fp32``.
+
+    Why measure rather than trust the CPU's flags: with AVX512-BF16 and no AMX (an Intel Xeon
+    of this project's machines), bf16 autocast ran the notebook's GRU at 0.69x its fp32 speed and
+    ``awd_sgdr``'s LSTM (batch 32, bptt 32) at 0.8x, while the notebook's LSTM (batch 64,
+    bptt 8) ran 1.68x faster; an AMD CPU with the same flags ran the GRU 1.42x faster in bf16
+    (``bench/precision.py``). Which precision is faster depends on the CPU, the layer and the shapes."""
+    return "bf16" if seconds["bf16"] <= BF16_STEP_RATIO * seconds["fp32"] else "fp32"
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

@@ -8,6 +8,8 @@ libraries: MLflow, progress reporting and snapshots plug in through
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import os
@@ -27,7 +29,16 @@ from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import RunConfig
 from charlm.cudagraph import GraphedStep
 from charlm.data import PAD_INDEX, Layout, PreparedCorpus, make_layout
-from charlm.device import DeviceError, PrecisionError, autocast_dtype, resolve_device, resolve_precision
+from charlm.device import (
+    DeviceError,
+    PrecisionError,
+    autocast_dtype,
+    faster_precision,
+    flush_denormals,
+    measure_precisions,
+    resolve_device,
+    resolve_precision,
+)
 from charlm.models import CharModel, State, build_model, count_parameters, get_architecture, map_state
 from charlm.schedule import Schedule
 
@@ -175,7 +186,7 @@ class EpochLogger(Callback):
             trainer.config.architecture,
             f"{trainer.parameters:,}",
             trainer.device,
-            trainer.precision,
+            trainer.precision_note,
             trainer.schedule.total_epochs,
             f", resuming at epoch {trainer.epoch + 1}" if trainer.step else "",
         )
@@ -228,6 +239,10 @@ class _ProgressBar(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+# fp32's and bf16's measured step seconds, per (model config, batch shape, device, threads).
+_MEASURED: dict[tuple[Any, ...], dict[str, float]] = {}
 
 
 class Trainer:
@@ -290,6 +305,8 @@ class Trainer:
         if cuda and data.fixed_shape:
             torch.backends.cudnn.benchmark = True  # one shape: the autotuned kernels are chosen once
 
+        if not cuda:  # this thread at least; charlm's entry points flush before torch's pool starts
+            flush_denormals()
         torch.manual_seed(config.seed)  # same initial weights on every rank
         self.module: CharModel = build_model(
             config.architecture, len(self.vocab), **config.model.model_dump(exclude={"architecture"})
@@ -298,6 +315,14 @@ class Trainer:
         self.precision = resolve_precision(
             config.precision, self.device, type(rnn) if isinstance(rnn, nn.RNNBase) else nn.Linear
         )
+        # ``auto``'s bf16 on a CPU is a candidate: kept only where this model's step measures faster in it.
+        self.precision_seconds: dict[str, float] | None = None
+        self._auto_choices: tuple[str, ...] = (self.precision,)
+        measuring = time.perf_counter()
+        if config.precision == "auto" and self.precision == "bf16" and not cuda:
+            self.precision_seconds = self.dist.share(self._measure_precisions())  # rank 0's: one choice
+            self.precision, self._auto_choices = faster_precision(self.precision_seconds), ("fp32", "bf16")
+        measured_s = time.perf_counter() - measuring if self.precision_seconds else 0.0
         if config.cuda_graph and self.precision == "fp16":
             raise PrecisionError("cuda_graph with fp16 (a dynamic gradient scaler): set precision=bf16 or fp32")
         self.amp_dtype = autocast_dtype(self.precision)
@@ -335,7 +360,36 @@ class Trainer:
         self._chars, self._train_seconds = 0, 0.0
         self.checkpoints: dict[str, str] = {}
         self._last_write = time.monotonic()  # for checkpoint_minutes
-        self._elapsed_base, self._fit_started = 0.0, time.perf_counter()  # wall time across resumes
+        # Wall time across resumes; it counts the precision measurement, part of this run's cost.
+        self._elapsed_base, self._fit_started = measured_s, time.perf_counter()
+
+    def _measure_precisions(self) -> dict[str, float]:
+        """fp32's and bf16's seconds for one forward and backward pass of a copy of this model on
+        its first training batch (the RNG is reseeded after, so training is unchanged by it). One
+        measurement per model, batch shape and thread count in a process: two trainers of the same
+        run agree."""
+        inputs, targets = next(iter(self.train_layout.iterate(shuffle=False)))
+        model = json.dumps(self.config.model.model_dump(mode="json"), sort_keys=True)
+        key = (model, tuple(inputs.shape), str(self.device), torch.get_num_threads())
+        if key not in _MEASURED:
+            probe = copy.deepcopy(self.module).train()
+
+            def step(dtype: torch.dtype | None) -> None:
+                with autocast(self.device, dtype):
+                    logits, _ = probe(inputs, None)
+                char_loss(logits.float(), targets).backward()  # type: ignore[no-untyped-call]
+                probe.zero_grad(set_to_none=True)
+
+            _MEASURED[key] = measure_precisions(step)
+        return dict(_MEASURED[key])
+
+    @property
+    def precision_note(self) -> str:
+        """The precision, and for ``auto`` on a CPU what decided it: ``bf16 (auto: 0.62x fp32's step)``."""
+        if not self.precision_seconds:
+            return self.precision
+        ratio = self.precision_seconds["bf16"] / self.precision_seconds["fp32"]
+        return f"{self.precision} (auto: a bf16 step took {ratio:.2f}x fp32's here)"
 
     # ------------------------------------------------------------------ metrics
 
@@ -540,6 +594,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "config": self.config.model_dump(mode="json"),
+            "precision": self.precision,  # what `auto` chose: a resumed run continues in it
             "vocab": self.vocab.to_dict(),
             "model": self.module.state_dict(),  # the plain module, never the DDP wrapper
             "optimizer": self.optimizer.state_dict(),
@@ -590,6 +645,9 @@ class Trainer:
         for group in self.optimizer.param_groups:  # a graph's lr is a device tensor, an eager one a float
             lr = float(group["lr"])
             group["lr"] = torch.tensor(lr, device=self.device) if self._graphed is not None else lr
+        saved = payload.get("precision")
+        if self.config.precision == "auto" and saved in self._auto_choices:  # not a timing's second opinion
+            self.precision, self.amp_dtype = saved, autocast_dtype(saved)
         progress = payload["progress"]
         self.step, self.epoch, self.batch = progress["step"], progress["epoch"], progress["batch"]
         self._elapsed_base = progress.get("elapsed_s", 0.0)  # fit() restarts the clock

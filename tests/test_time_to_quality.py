@@ -4,15 +4,26 @@ graph needs, and time to quality (elapsed time, targets, the loss-against-time p
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import get_args
 
 import pytest
 import torch
 
-from charlm import compare
+from charlm import compare, training
+from charlm import device as charlm_device
 from charlm.config import PRESETS, RunConfig, preset, tiny
 from charlm.data import CorpusError, make_layout
-from charlm.device import DeviceError, PrecisionError, cpu_has_native_bf16, resolve_precision
+from charlm.device import (
+    DeviceError,
+    PrecisionError,
+    cpu_has_native_bf16,
+    faster_precision,
+    measure_precisions,
+    resolve_precision,
+)
 from charlm.job import TrainResult
 from charlm.models import build_model
 from charlm.prepared import prepare_for
@@ -89,6 +100,90 @@ def test_auto_precision_on_a_gpu_is_fp32():
     to decide it, so this runs on any host.)"""
     assert resolve_precision("auto", torch.device("cuda")) == "fp32"
     assert resolve_precision("auto", torch.device("cuda:1")) == "fp32"
+
+
+def test_measure_precisions_alternates_and_takes_medians():
+    calls: list[str] = []
+
+    def step(dtype: torch.dtype | None) -> None:
+        calls.append("bf16" if dtype is torch.bfloat16 else "fp32")
+
+    seconds = measure_precisions(step, trials=3)
+    # a warm-up of each, then the trials with the first of each pair alternating
+    assert calls == ["fp32", "bf16", "fp32", "bf16", "bf16", "fp32", "fp32", "bf16"]
+    assert set(seconds) == {"fp32", "bf16"} and all(s >= 0 for s in seconds.values())
+
+
+def test_auto_keeps_bf16_on_a_cpu_only_where_it_measured_faster():
+    assert faster_precision({"fp32": 1.0, "bf16": 0.8}) == "bf16"
+    assert faster_precision({"fp32": 1.0, "bf16": 0.95}) == "fp32"  # within the noise: fp32 is exact
+    assert faster_precision({"fp32": 1.0, "bf16": 1.6}) == "fp32"
+
+
+def _bf16_native(monkeypatch: pytest.MonkeyPatch, seconds: dict[str, float]) -> None:
+    """As on a CPU with native bf16 whose measurement gave ``seconds`` (any host can run this: the
+    GRU's bf16 runs, emulated, where it is not native)."""
+    monkeypatch.setattr(charlm_device, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(training, "measure_precisions", lambda step: dict(seconds))
+    monkeypatch.setattr(training, "_MEASURED", {})  # the real cache comes back after the test
+
+
+def test_trainer_auto_precision_on_a_cpu_follows_its_measurement(small_text, monkeypatch):
+    config = tiny("stateful_gru")
+    corpus = prepare_for(config, small_text)
+    _bf16_native(monkeypatch, {"fp32": 1.0, "bf16": 0.5})
+    trainer = Trainer(config, corpus)
+    assert trainer.precision == "bf16" and trainer.amp_dtype is torch.bfloat16
+    assert trainer.precision_note == "bf16 (auto: a bf16 step took 0.50x fp32's here)"
+    _bf16_native(monkeypatch, {"fp32": 1.0, "bf16": 1.4})
+    assert Trainer(config, corpus).precision == "fp32"
+    assert Trainer(config.override({"precision": "bf16"}), corpus).precision == "bf16"  # asked for: no measuring
+
+
+def test_trainer_measures_a_copy_and_training_is_unchanged_by_it(small_text, monkeypatch):
+    """The real measurement (no patching): it uses a copy of the model and leaves the RNG as the
+    trainer reseeds it, so an fp32 run is the same whether or not ``auto`` measured first."""
+    config = tiny("stateful_lstm")
+    corpus = prepare_for(config, small_text)
+    monkeypatch.setattr(training, "_MEASURED", {})
+    auto = Trainer(config, corpus)
+    if not cpu_has_native_bf16():
+        assert auto.precision == "fp32" and auto.precision_seconds is None
+        return
+    assert set(auto.precision_seconds or {}) == {"fp32", "bf16"}
+    assert auto.precision == faster_precision(auto.precision_seconds or {})
+    assert Trainer(config, corpus).precision_seconds == auto.precision_seconds  # measured once per process
+    plain = Trainer(config.override({"precision": auto.precision}), corpus)  # the same, not measured
+    auto.fit(max_steps=5)
+    plain.fit(max_steps=5)
+    for a, b in zip(auto.module.parameters(), plain.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_resumed_run_keeps_the_precision_auto_chose(small_text, tmp_path, monkeypatch):
+    config = tiny("stateful_gru")
+    corpus = prepare_for(config, small_text)
+    _bf16_native(monkeypatch, {"fp32": 1.0, "bf16": 0.5})
+    first = Trainer(config, corpus, checkpoint_dir=tmp_path)
+    first.fit(max_steps=3)
+    first.checkpoint()
+    _bf16_native(monkeypatch, {"fp32": 1.0, "bf16": 1.5})  # a second opinion would say fp32
+    resumed = Trainer.resume(tmp_path / "last.pt", corpus)
+    assert resumed.precision == "bf16" and resumed.amp_dtype is torch.bfloat16
+
+
+def test_flush_denormals_is_on_for_the_process_unless_kept():
+    code = (
+        "import torch; from charlm.device import flush_denormals; "
+        "on = flush_denormals(); print(on, (torch.tensor([1e-39]) * 1.5).item() == 0.0)"
+    )
+    flushed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert flushed.stdout.split() == ["True", "True"]
+    kept = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={**os.environ, "CHARLM_KEEP_DENORMALS": "1"},
+    )  # fmt: skip
+    assert kept.stdout.split() == ["False", "False"]
 
 
 def test_explicit_bf16_an_lstm_cannot_run_is_a_clear_error(small_text):
