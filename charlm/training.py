@@ -321,7 +321,8 @@ class Trainer:
         measuring = time.perf_counter()
         if config.precision == "auto" and self.precision == "bf16" and not cuda:
             self.precision_seconds = self.dist.share(self._measure_precisions())  # rank 0's: one choice
-            self.precision, self._auto_choices = faster_precision(self.precision_seconds), ("fp32", "bf16")
+            self._auto_choices = ("fp32", "bf16")
+            self.precision = faster_precision(self.precision_seconds) if self.precision_seconds else "fp32"
         measured_s = time.perf_counter() - measuring if self.precision_seconds else 0.0
         if config.cuda_graph and self.precision == "fp16":
             raise PrecisionError("cuda_graph with fp16 (a dynamic gradient scaler): set precision=bf16 or fp32")
@@ -363,14 +364,17 @@ class Trainer:
         # Wall time across resumes; it counts the precision measurement, part of this run's cost.
         self._elapsed_base, self._fit_started = measured_s, time.perf_counter()
 
-    def _measure_precisions(self) -> dict[str, float]:
+    def _measure_precisions(self) -> dict[str, float] | None:
         """fp32's and bf16's seconds for one forward and backward pass of a copy of this model on
-        its first training batch (the RNG is reseeded after, so training is unchanged by it). One
-        measurement per model, batch shape and thread count in a process: two trainers of the same
-        run agree."""
-        inputs, targets = next(iter(self.train_layout.iterate(shuffle=False)))
+        its first training batch (the RNG is reseeded after, so training is unchanged by it); None
+        when there is no batch to measure. One measurement per model, vocabulary size, batch shape
+        and thread count in a process: two trainers of the same run agree."""
+        first = next(iter(self.train_layout.iterate(shuffle=False)), None)
+        if first is None:
+            return None
+        inputs, targets = first
         model = json.dumps(self.config.model.model_dump(mode="json"), sort_keys=True)
-        key = (model, tuple(inputs.shape), str(self.device), torch.get_num_threads())
+        key = (model, len(self.vocab), tuple(inputs.shape), str(self.device), torch.get_num_threads())
         if key not in _MEASURED:
             probe = copy.deepcopy(self.module).train()
 
@@ -385,7 +389,8 @@ class Trainer:
 
     @property
     def precision_note(self) -> str:
-        """The precision, and for ``auto`` on a CPU what decided it: ``bf16 (auto: 0.62x fp32's step)``."""
+        """The precision, and for ``auto`` on a CPU what decided it:
+        ``fp32 (auto: a bf16 step took 1.33x fp32's here)``."""
         if not self.precision_seconds:
             return self.precision
         ratio = self.precision_seconds["bf16"] / self.precision_seconds["fp32"]
