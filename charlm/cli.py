@@ -105,7 +105,7 @@ class _EpochPrinter:
             def on_fit_start(self, trainer: Trainer) -> None:
                 print(
                     f"{trainer.config.architecture}: {trainer.parameters:,} parameters, {trainer.device}, "
-                    f"{trainer.schedule.total_epochs} epochs",
+                    f"{trainer.precision_note}, {trainer.schedule.total_epochs} epochs",
                     flush=True,
                 )
                 print(
