@@ -164,9 +164,9 @@ def flush_denormals() -> bool:
     ``CHARLM_KEEP_DENORMALS=1``; returns whether it is on.
 
     An fp32 LSTM's training drifts into denormal numbers within tens of steps, and the CPU
-    computes with them many times slower: on this project's Intel Xeon, the notebook's 2 x 512
-    LSTM trained at ~1.6K chars/s in fp32 without flushing and ~4.4K with (``bench/precision.py
-    --denormals``); fresh weights ran fast either way. Values below ~1.2e-38 become zero, far below
+    computes with them many times slower: on an Intel Xeon of this project's machines, the
+    notebook's 2 x 512 LSTM trained at 2,444 chars/s in fp32 without flushing and 4,756 with
+    (``bench/precision.py --denormals``). Values below ~1.2e-38 become zero, far below
     what a loss in nats can see. The setting is per thread and a thread inherits it when it is
     created, so call this before torch starts its thread pool (charlm's CLI and its DDP workers
     do, first thing); called later, the pool's existing threads keep denormals."""
@@ -201,9 +201,9 @@ def faster_precision(seconds: dict[str, float]) -> str:
     """``bf16`` where its measured step took at most :data:`BF16_STEP_RATIO` of fp32's, else ``fp32``.
 
     Why measure rather than trust the CPU's flags: with AVX512-BF16 and no AMX (an Intel Xeon
-    of this project's machines), bf16 autocast ran the notebook's GRU at 0.69x its fp32 speed and
-    ``awd_sgdr``'s LSTM (batch 32, bptt 32) at 0.8x, while the notebook's LSTM (batch 64,
-    bptt 8) ran 1.68x faster; an AMD CPU with the same flags ran the GRU 1.42x faster in bf16
+    of this project's machines, denormals flushed), bf16 autocast ran the notebook's GRU at 0.70x
+    its fp32 speed, its LSTM at 0.94x and ``awd_sgdr``'s at 0.69x, while an AMD CPU with the same
+    flags ran the GRU 1.42x faster in bf16 and an Intel one with AMX the LSTM 3.88x
     (``bench/precision.py``). Which precision is faster depends on the CPU, the layer and the shapes."""
     return "bf16" if seconds["bf16"] <= BF16_STEP_RATIO * seconds["fp32"] else "fp32"
 

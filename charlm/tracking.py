@@ -217,10 +217,8 @@ class MLflowTracker(Callback):
         params["vocab_size"] = str(len(trainer.vocab))
         params["device"] = str(trainer.device)
         params["precision"] = trainer.precision  # what `auto` resolved to on this device
-        if trainer.precision_seconds:  # and, on a CPU, the step times that decided it
-            params["precision_bf16_step_ratio"] = (
-                f"{trainer.precision_seconds['bf16'] / trainer.precision_seconds['fp32']:.3f}"
-            )
+        if trainer.bf16_step_ratio is not None:  # and, on a CPU, the step times that decided it
+            params["precision_bf16_step_ratio"] = f"{trainer.bf16_step_ratio:.3f}"
         params["cuda_graph"] = str(trainer.config.cuda_graph)
         params["world_size"] = str(trainer.dist.world_size)
         from mlflow.entities import Param

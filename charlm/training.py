@@ -241,7 +241,7 @@ class _ProgressBar(Callback):
             self._bar = None
 
 
-# fp32's and bf16's measured step seconds, per (model config, batch shape, device, threads).
+# fp32's and bf16's measured step seconds, per (model config, vocabulary size, batch shape, device, threads).
 _MEASURED: dict[tuple[Any, ...], dict[str, float]] = {}
 
 
@@ -388,12 +388,19 @@ class Trainer:
         return dict(_MEASURED[key])
 
     @property
+    def bf16_step_ratio(self) -> float | None:
+        """bf16's measured step time over fp32's where ``auto`` measured them (a CPU), else None."""
+        if not self.precision_seconds:
+            return None
+        return self.precision_seconds["bf16"] / self.precision_seconds["fp32"]
+
+    @property
     def precision_note(self) -> str:
         """The precision, and for ``auto`` on a CPU what decided it:
         ``fp32 (auto: a bf16 step took 1.33x fp32's here)``."""
-        if not self.precision_seconds:
+        ratio = self.bf16_step_ratio
+        if ratio is None:
             return self.precision
-        ratio = self.precision_seconds["bf16"] / self.precision_seconds["fp32"]
         return f"{self.precision} (auto: a bf16 step took {ratio:.2f}x fp32's here)"
 
     # ------------------------------------------------------------------ metrics
