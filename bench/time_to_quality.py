@@ -7,6 +7,8 @@
     python bench/time_to_quality.py --lstm-only --parallel   # the LSTM seeds side by side, one core each
     python bench/time_to_quality.py --lstm-only --parallel --snapshots   # and its snapshot ensembles
     python bench/time_to_quality.py --lstm-only --parallel --set model.dropout=0.4   # a variant of it
+    python bench/time_to_quality.py --lstm-only --parallel --variant locked=model.locked_dropout=true
+        # awd_sgdr and a variant of it side by side, each seed of each one process
 
 Part 1 (the GRU figure, 1.3697): for each seed, the notebook's ``stateful_gru`` schedule
 (9 epochs) and the ``short_sgdr`` preset (``--fast-arch``, default its 1 × 512 LSTM) train
@@ -20,7 +22,10 @@ Part 2 (the notebook's best LSTM, 1.2524): ``awd_sgdr``'s ``stateful_lstm`` per 
 prints the best validation loss, the time at which 1.2524 (and 1.22) was first reached,
 and the total wall time. ``--parallel`` trains the seeds at once, one process and one
 torch thread each (a seed then has one core of this 2-core machine: its times are an
-upper bound for a run that has the machine to itself).
+upper bound for a run that has the machine to itself). ``--variant NAME=OVERRIDES`` (repeatable;
+overrides separated by spaces) trains each variant beside ``awd_sgdr`` itself, every seed, and
+prints each variant's loss at the end of every SGDR cycle against ``awd_sgdr``'s at the same
+epoch, seed by seed: a comparison measured in one run.
 
 Every validation loss is measured on the notebook's task (lowercased, ``min_freq`` 3, the
 last 20% of the text) with the notebook's validation batch (64 columns). Wall time includes
@@ -41,10 +46,17 @@ from typing import Any
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nietzsche.txt"
 GRU_TARGET, LSTM_TARGET, STRETCH = 1.3697, 1.2524, 1.22
+BASELINE = "awd_sgdr"  # part 2's variants are compared with the preset itself
 
 
 def train(
-    preset_name: str, arch: str, seed: int, corpus_path: str, sets: list[str], snapshots_dir: str | None = None
+    preset_name: str,
+    arch: str,
+    seed: int,
+    corpus_path: str,
+    sets: list[str],
+    snapshots_dir: str | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """One training run. With ``snapshots_dir`` its SGDR cycle snapshots are kept there, and the
     ensembles and weight averages of the last 2, 3 and 4 (what the pipeline offers for promotion)
@@ -60,7 +72,7 @@ def train(
     class Print(Callback):
         def on_epoch_end(self, trainer: Trainer, epoch: int, m: dict[str, float]) -> None:
             print(
-                f"  {preset_name:10s} {arch} seed {seed} epoch {epoch + 1:2d}/{config.epochs}  "
+                f"  {label or preset_name:10s} {arch} seed {seed} epoch {epoch + 1:2d}/{config.epochs}  "
                 f"val {m['val_loss']:.4f}  at {m['elapsed_s']:7.1f} s  {m['chars_per_sec']:,.0f} chars/s",
                 flush=True,
             )
@@ -77,6 +89,8 @@ def train(
         combined = [{"kind": c.kind, "members": len(c.members), "val_loss": c.val_loss} for c in candidates]
     return {
         "preset": preset_name,
+        "variant": label or preset_name,
+        "overrides": sets,
         "architecture": arch,
         "seed": seed,
         "threads": __import__("torch").get_num_threads(),
@@ -131,27 +145,57 @@ def gru_part(args: argparse.Namespace) -> dict[str, Any]:
     return {"runs": runs, "summary": summary}
 
 
+def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """``awd_sgdr`` itself first, then each ``NAME=OVERRIDE OVERRIDE ...``."""
+    variants: list[tuple[str, list[str]]] = [(BASELINE, [])]
+    for spec in specs:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not name or not overrides.split() or name in dict(variants):
+            raise SystemExit(f"--variant {spec!r}: expected a new NAME=KEY=VALUE [KEY=VALUE ...]")
+        variants.append((name, overrides.split()))
+    return variants
+
+
 def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
-    if args.parallel and len(args.seeds) > 1:  # one process per seed, one torch thread each
+    variants = parse_variants(args.variant)
+    jobs = [(name, overrides, seed) for name, overrides in variants for seed in args.seeds]
+    if args.parallel and len(jobs) > 1:  # one process per variant and seed, one torch thread each
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         procs, outs = [], []
-        for seed in args.seeds:
-            out = Path(args.workdir) / f"lstm-seed{seed}.json"
+        for name, overrides, seed in jobs:
+            out = Path(args.workdir) / f"lstm-{name}-seed{seed}.json"
             cmd = [sys.executable, __file__, "--one", f"awd_sgdr:stateful_lstm:{seed}", "--corpus", args.corpus]
-            cmd += ["--workdir", args.workdir] + (["--snapshots"] if args.snapshots else [])
-            cmd += [arg for override in args.set for arg in ("--set", override)]
+            cmd += ["--workdir", args.workdir, "--label", name] + (["--snapshots"] if args.snapshots else [])
+            cmd += [arg for override in [*args.set, *overrides] for arg in ("--set", override)]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             procs.append(subprocess.Popen([*cmd, "--json", str(out)], env=env))
             outs.append(out)
         if any(p.wait() for p in procs):
-            raise SystemExit("an LSTM seed failed")
+            raise SystemExit("an LSTM run failed")
         runs = [json.loads(o.read_text()) for o in outs]
     else:
         runs = [
-            train("awd_sgdr", "stateful_lstm", seed, args.corpus, args.set, snapshots_dir(args, seed))
-            for seed in args.seeds
-        ]
-    print(f"\nstateful_lstm awd_sgdr, seeds {args.seeds}{' in parallel, 1 thread each' if args.parallel else ''}")
+            train(
+                "awd_sgdr", "stateful_lstm", seed, args.corpus, [*args.set, *overrides],
+                snapshots_dir(args, seed, name), label=name,
+            )
+            for name, overrides, seed in jobs
+        ]  # fmt: skip
+    report: dict[str, Any] = {"runs": runs}
+    for name, overrides in variants:
+        own = [r for r in runs if r["variant"] == name]
+        report[name] = lstm_summary(args, name, overrides, own)
+    if len(variants) > 1:
+        report["comparison"] = compare_variants(runs, [name for name, _ in variants])
+    return report
+
+
+def lstm_summary(
+    args: argparse.Namespace, name: str, overrides: list[str], runs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    where = " in parallel, 1 thread each" if args.parallel else ""
+    plus = " + " + " ".join(overrides) if overrides else ""
+    print(f"\nstateful_lstm awd_sgdr{plus} ({name}), seeds {args.seeds}{where}")
     for r in runs:
         times = ", ".join(f"{k} at {v / 60:.1f} min" for k, v in r["time_to"].items()) or "no target reached"
         print(f"  seed {r['seed']}: best {r['best_val_loss']:.4f}  wall {r['wall_time_s'] / 60:.1f} min  ({times})")
@@ -174,11 +218,55 @@ def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
             label = f"{c['kind']} of the last {c['members']}"
             summary[f"median {label}"] = statistics.median(r["snapshot_candidates"][i]["val_loss"] for r in runs)
             print(f"  median {label} cycle snapshots: {summary[f'median {label}']:.4f}")
-    return {"runs": runs, "summary": summary}
+    return summary
 
 
-def snapshots_dir(args: argparse.Namespace, seed: int) -> str | None:
-    return str(Path(args.workdir) / f"lstm-seed{seed}-snapshots") if args.snapshots else None
+def cycle_ends(run: dict[str, Any]) -> list[int]:
+    """The epochs (1-based) that end an SGDR cycle or the run: 1, 2, 4, 8, ... for awd_sgdr."""
+    epochs = [h["epoch"] + 1 for h in run["history"]]
+    ends = [e for e in epochs if e & (e - 1) == 0]
+    return ends + ([epochs[-1]] if epochs and epochs[-1] not in ends else [])
+
+
+def compare_variants(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Each variant's validation loss minus awd_sgdr's, same seed, same epoch: at every cycle end
+    and at their bests. Printed per seed and as the median over seeds."""
+    base = {r["seed"]: r for r in runs if r["variant"] == BASELINE}
+    ends = cycle_ends(next(iter(base.values())))
+    print(f"\nvariants against {BASELINE}, validation loss at the end of each cycle (difference: variant - {BASELINE})")
+    print("  " + f"{'epoch':28s}" + "".join(f"{e:>17d}" for e in ends) + f"{'best':>17s}")
+    comparison: dict[str, Any] = {}
+    for name in names:
+        diffs: dict[str, list[float]] = {}
+        for r in (r for r in runs if r["variant"] == name):
+            loss = {h["epoch"] + 1: h["val_loss"] for h in r["history"]}
+            ref = {h["epoch"] + 1: h["val_loss"] for h in base[r["seed"]]["history"]}
+            cells = []
+            for key, mine, theirs in [
+                *((str(e), loss.get(e), ref.get(e)) for e in ends),
+                ("best", r["best_val_loss"], base[r["seed"]]["best_val_loss"]),
+            ]:
+                if mine is None or theirs is None:
+                    cells.append(f"{'—':>17s}")
+                    continue
+                diff = mine - theirs
+                if name != BASELINE:
+                    diffs.setdefault(key, []).append(diff)
+                cells.append(f"{mine:.4f} ({diff:+.4f})".rjust(17) if name != BASELINE else f"{mine:>17.4f}")
+            print(f"  {name + ' seed ' + str(r['seed']):28s}" + "".join(cells))
+        if name != BASELINE:
+            comparison[name] = {k: statistics.median(v) for k, v in diffs.items()}
+            print(
+                f"  {name + ' median difference':28s}"
+                + "".join(f"{comparison[name][k]:>+17.4f}" if k in comparison[name] else f"{'—':>17s}"
+                          for k in [*map(str, ends), "best"])
+            )  # fmt: skip
+    return comparison
+
+
+def snapshots_dir(args: argparse.Namespace, seed: int, name: str = "awd_sgdr") -> str | None:
+    suffix = "" if name == BASELINE else f"-{name}"
+    return str(Path(args.workdir) / f"lstm-seed{seed}{suffix}-snapshots") if args.snapshots else None
 
 
 def plot(runs: list[dict[str, Any]], path: str) -> None:
@@ -234,12 +322,21 @@ def main() -> None:
     )
     parser.add_argument("--json", help="write every run and the summaries here")
     parser.add_argument("--plot", help="write validation loss against time (PNG) here")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE ...",
+        help="part 2: also awd_sgdr with these overrides (space-separated), compared epoch by epoch",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # PRESET:ARCH:SEED, for --parallel
+    parser.add_argument("--label", help=argparse.SUPPRESS)  # the variant --one trains
     args = parser.parse_args()
 
     if args.one:
         name, arch, seed = args.one.split(":")
-        run = train(name, arch, int(seed), args.corpus, args.set, snapshots_dir(args, int(seed)))
+        label = args.label or name
+        run = train(name, arch, int(seed), args.corpus, args.set, snapshots_dir(args, int(seed), label), label)
         Path(args.json).write_text(json.dumps(run))
         return
     started = time.perf_counter()

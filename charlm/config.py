@@ -27,16 +27,26 @@ class ModelConfig(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="between stacked layers and before the output layer")
     embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="drop whole characters' embeddings (AWD)")
     weight_drop: float = Field(0.0, ge=0.0, lt=1.0, description="DropConnect on hidden-to-hidden weights (AWD)")
+    locked_dropout: bool = Field(
+        False, description="variational dropout: one mask per sequence, shared by its time steps (AWD)"
+    )
+    input_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the embedding's outputs (AWD's dropouti)")
+    output_dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="before the output layer (AWD's dropout); None: the same as dropout"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         arch = get_architecture(self.architecture)
-        regularised = self.dropout or self.embedding_dropout or self.weight_drop
-        if not arch.model_class.supports_layers and (self.num_layers != 1 or regularised):
+        regularised = (
+            self.dropout or self.embedding_dropout or self.weight_drop or self.input_dropout or self.output_dropout
+        )
+        if not arch.model_class.supports_layers and (self.num_layers != 1 or regularised or self.locked_dropout):
             raise ValueError(
-                f"{self.architecture} is a single hand-written layer: num_layers must be 1 and dropout, "
-                f"embedding_dropout and weight_drop 0 (got {self.num_layers}, {self.dropout}, "
-                f"{self.embedding_dropout}, {self.weight_drop})"
+                f"{self.architecture} is a single hand-written layer: num_layers must be 1, dropout, "
+                f"embedding_dropout, weight_drop, input_dropout and output_dropout 0 and locked_dropout off "
+                f"(got {self.num_layers}, {self.dropout}, {self.embedding_dropout}, {self.weight_drop}, "
+                f"{self.input_dropout}, {self.output_dropout}, {self.locked_dropout})"
             )
         return self
 

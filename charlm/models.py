@@ -138,6 +138,13 @@ class _RecurrentModel(CharModel):
     ``weight_drop`` is DropConnect on every hidden-to-hidden matrix — one mask per forward
     pass, shared by every time step, so the recurrence is regularised without touching the
     fused RNN kernel (the masked matrix is handed to ``nn.RNNBase`` in place of its own).
+
+    ``locked_dropout`` makes every activation dropout variational, as AWD-LSTM's
+    ``LockedDropout``: one mask per sequence in the batch, shared by all its time steps
+    (redrawn every forward pass, i.e. every bptt batch). Between stacked layers that needs the
+    layers apart, so the model then runs one single-layer RNN per layer (``self.layers``) in
+    place of one stacked ``self.rnn``. ``input_dropout`` drops the embedding's outputs (AWD's
+    ``dropouti``) and ``output_dropout`` the last layer's (AWD's ``dropout``; default: ``dropout``).
     """
 
     cell: ClassVar[Callable[..., nn.RNNBase]] = nn.RNN
@@ -152,27 +159,47 @@ class _RecurrentModel(CharModel):
         dropout: float = 0.0,
         embedding_dropout: float = 0.0,
         weight_drop: float = 0.0,
+        locked_dropout: bool = False,
+        input_dropout: float = 0.0,
+        output_dropout: float | None = None,
         **_: object,
     ) -> None:
         super().__init__()
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.embedding_dropout, self.weight_drop = embedding_dropout, weight_drop
+        self.locked_dropout, self.input_dropout, self.hidden_dropout = locked_dropout, input_dropout, dropout
+        self.output_dropout = dropout if output_dropout is None else output_dropout
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
-        self.rnn = self.cell(
-            embedding_dim, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
-        )
+        self.layers: nn.ModuleList | None = None
+        if locked_dropout and num_layers > 1:  # variational dropout between the layers: one RNN per layer
+            sizes = [embedding_dim] + [hidden_size] * (num_layers - 1)
+            self.layers = nn.ModuleList(self.cell(size, hidden_size, 1, batch_first=True) for size in sizes)
+        else:
+            between = dropout if num_layers > 1 else 0.0
+            self.rnn = self.cell(embedding_dim, hidden_size, num_layers, batch_first=True, dropout=between)
         if weight_drop:  # the raw matrices become ``weight_hh_lK_raw``; ``weight_hh_lK`` is set per forward
-            for name in self._dropped_weights:
-                raw = self.rnn._parameters.pop(name)
+            for rnn, name in self._dropped_weights:
+                raw = rnn._parameters.pop(name)
                 assert raw is not None
-                self.rnn.register_parameter(f"{name}_raw", raw)
-                setattr(self.rnn, name, raw.detach())
-        self.dropout = nn.Dropout(dropout)
+                rnn.register_parameter(f"{name}_raw", raw)
+                setattr(rnn, name, raw.detach())
         self.output_layer = nn.Linear(hidden_size, vocab_size)
 
     @property
-    def _dropped_weights(self) -> list[str]:
-        return [f"weight_hh_l{layer}" for layer in range(self.num_layers)]
+    def _dropped_weights(self) -> list[tuple[nn.RNNBase, str]]:
+        """(module, name) of every hidden-to-hidden matrix."""
+        if self.layers is not None:
+            return [(rnn, "weight_hh_l0") for rnn in self.layers]  # type: ignore[misc]
+        return [(self.rnn, f"weight_hh_l{layer}") for layer in range(self.num_layers)]
+
+    def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """Dropout on (B, T, F) activations: one mask per sequence with ``locked_dropout``."""
+        if not (self.training and p):
+            return x
+        if not self.locked_dropout:
+            return F.dropout(x, p, True)
+        keep = 1.0 - p
+        return x * x.new_empty((x.shape[0], 1, x.shape[2])).bernoulli_(keep).div_(keep)
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
         zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device)
@@ -190,15 +217,36 @@ class _RecurrentModel(CharModel):
         if state is None:
             state = self.init_state(tokens.shape[0], tokens.device)
         if self.weight_drop:  # nn.RNNBase.__setattr__ puts the masked matrix into its flat weights
-            for name in self._dropped_weights:
-                raw = getattr(self.rnn, f"{name}_raw")
+            for rnn, name in self._dropped_weights:
+                raw = getattr(rnn, f"{name}_raw")
                 # (a view in eval mode: handing nn.Module the Parameter itself would register it twice)
                 masked = F.dropout(raw, self.weight_drop, True) if self.training else raw.view_as(raw)
-                setattr(self.rnn, name, masked)
+                setattr(rnn, name, masked)
+        inputs = self._drop(self.embed(tokens), self.input_dropout)  # (B, T, E)
         with warnings.catch_warnings():  # cuDNN: masked weights are not one contiguous chunk (by design)
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
-            outputs, state = self.rnn(self.embed(tokens), state)  # (B, T, H)
-        return self.output_layer(self.dropout(outputs)), state  # (B, T, V)
+            if self.layers is None:
+                outputs, state = self.rnn(inputs, state)  # (B, T, H)
+            else:
+                outputs, state = self._run_layers(inputs, state)
+        return self.output_layer(self._drop(outputs, self.output_dropout)), state  # (B, T, V)
+
+    def _run_layers(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The stacked layers one at a time, locked dropout between them; the state as one stack."""
+        assert self.layers is not None and state is not None
+        outputs, states = inputs, list[Any]()
+        for index, rnn in enumerate(self.layers):
+            if index:
+                outputs = self._drop(outputs, self.hidden_dropout)
+            if isinstance(state, tuple):
+                layer_state: State = tuple(part[index : index + 1] for part in state)
+            else:
+                layer_state = state[index : index + 1]
+            outputs, layer_state = rnn(outputs, layer_state)
+            states.append(layer_state)
+        if isinstance(state, tuple):
+            return outputs, tuple(torch.cat(parts) for parts in zip(*states, strict=True))
+        return outputs, torch.cat(states)
 
 
 class CharRnn(_RecurrentModel):
@@ -348,6 +396,9 @@ def build_model(
     dropout: float = 0.0,
     embedding_dropout: float = 0.0,
     weight_drop: float = 0.0,
+    locked_dropout: bool = False,
+    input_dropout: float = 0.0,
+    output_dropout: float | None = None,
 ) -> CharModel:
     arch = get_architecture(name)
     return arch.model_class(
@@ -358,6 +409,9 @@ def build_model(
         dropout=dropout,
         embedding_dropout=embedding_dropout,
         weight_drop=weight_drop,
+        locked_dropout=locked_dropout,
+        input_dropout=input_dropout,
+        output_dropout=output_dropout,
     )
 
 

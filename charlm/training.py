@@ -311,9 +311,11 @@ class Trainer:
         self.module: CharModel = build_model(
             config.architecture, len(self.vocab), **config.model.model_dump(exclude={"architecture"})
         ).to(self.device)
-        rnn = getattr(self.module, "rnn", None)
+        cell = getattr(type(self.module), "cell", None)  # the recurrent layer's class, if torch's
         self.precision = resolve_precision(
-            config.precision, self.device, type(rnn) if isinstance(rnn, nn.RNNBase) else nn.Linear
+            config.precision,
+            self.device,
+            cell if isinstance(cell, type) and issubclass(cell, nn.RNNBase) else nn.Linear,
         )
         # ``auto``'s bf16 on a CPU is a candidate: kept only where this model's step measures faster in it.
         self.precision_seconds: dict[str, float] | None = None

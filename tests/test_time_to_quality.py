@@ -14,7 +14,7 @@ import torch
 
 from charlm import compare, training
 from charlm import device as charlm_device
-from charlm.config import PRESETS, RunConfig, preset, tiny
+from charlm.config import PRESETS, ModelConfig, RunConfig, preset, tiny
 from charlm.data import CorpusError, make_layout
 from charlm.device import (
     DeviceError,
@@ -67,6 +67,73 @@ def test_weight_drop_masks_the_recurrence_in_training_only(architecture):
     twin.load_state_dict(model.state_dict())
     assert torch.equal(twin.eval()(tokens, None)[0], a)
     assert set(model.state_dict()) == names  # eval mode registered nothing new
+
+
+def _locked(architecture: str, **extra: object) -> torch.nn.Module:
+    return build_model(
+        architecture, 30, embedding_dim=8, hidden_size=16, num_layers=2, dropout=0.5, weight_drop=0.5,
+        locked_dropout=True, input_dropout=0.5, output_dropout=0.5, **extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture", ["stateful_lstm", "stateful_gru"])
+def test_locked_dropout_shares_one_mask_across_time_steps(architecture):
+    model = _locked(architecture)
+    assert model.layers is not None and len(model.layers) == 2  # one RNN per layer, dropout between
+    names = set(model.state_dict())
+    assert {"layers.0.weight_hh_l0_raw", "layers.1.weight_hh_l0_raw"} <= names  # weight-drop on each layer
+    seen: dict[str, torch.Tensor] = {}
+    model.layers[1].register_forward_pre_hook(lambda _m, args: seen.update(between=args[0]))
+    model.output_layer.register_forward_pre_hook(lambda _m, args: seen.update(output=args[0]))
+    tokens = torch.randint(2, 30, (4, 9))
+    torch.manual_seed(0)
+    logits, state = model(tokens, None)
+    for where in ("between", "output"):
+        zeros = seen[where] == 0  # (B, T, H): a dropped unit is dropped at every step of its sequence
+        assert zeros.any() and not zeros.all(), where
+        assert torch.equal(zeros, zeros[:, :1].expand_as(zeros)), where
+    assert not torch.equal(zeros[0], zeros[1])  # ... with its own mask per sequence
+    h = state[0] if isinstance(state, tuple) else state
+    assert h.shape == (2, 4, 16)  # the carried state is one (layers, B, H) stack, as the stacked RNN's
+    logits.sum().backward()
+    assert all(rnn.weight_hh_l0_raw.grad.abs().sum() > 0 for rnn in model.layers)
+
+    model.eval()  # evaluation: no masks, deterministic, and the state carries into the next batch
+    a, carried = model(tokens, None)
+    assert torch.equal(a, model(tokens, None)[0])
+    assert not torch.equal(model(tokens, carried)[0], a)
+
+
+def test_locked_dropout_off_matches_the_stacked_rnn_in_evaluation():
+    """The per-layer RNNs compute what one stacked RNN computes with the same weights."""
+    layered = build_model("stateful_lstm", 30, embedding_dim=8, hidden_size=16, num_layers=2, locked_dropout=True)
+    stacked = build_model("stateful_lstm", 30, embedding_dim=8, hidden_size=16, num_layers=2)
+    weights = {}
+    for key, value in layered.state_dict().items():
+        if key.startswith("layers."):
+            _, index, name = key.split(".")
+            key = "rnn." + name.replace("_l0", f"_l{index}")
+        weights[key] = value
+    stacked.load_state_dict(weights)
+    tokens = torch.randint(2, 30, (3, 5))
+    (a, (ha, ca)), (b, (hb, cb)) = layered.eval()(tokens, None), stacked.eval()(tokens, None)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ha, hb, atol=1e-6) and torch.allclose(ca, cb, atol=1e-6)
+
+
+def test_input_and_output_dropout_without_locking():
+    model = build_model("stateful_lstm", 30, embedding_dim=8, hidden_size=16, input_dropout=0.5, output_dropout=0.0)
+    assert model.layers is None and model.output_dropout == 0.0
+    seen: dict[str, torch.Tensor] = {}
+    model.rnn.register_forward_pre_hook(lambda _m, args: seen.update(input=args[0]))
+    torch.manual_seed(0)
+    model(torch.randint(2, 30, (4, 9)), None)
+    zeros = seen["input"] == 0
+    assert zeros.any() and not torch.equal(zeros, zeros[:, :1].expand_as(zeros))  # a mask per step
+
+
+def test_locked_dropout_is_refused_for_hand_written_models():
+    with pytest.raises(ValueError, match="locked_dropout"):
+        ModelConfig(architecture="stateful_rnn_cell", locked_dropout=True)
 
 
 def test_embedding_dropout_drops_whole_characters():
