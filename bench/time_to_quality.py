@@ -222,8 +222,9 @@ def lstm_summary(
 
 
 def cycle_ends(run: dict[str, Any]) -> list[int]:
-    """The epochs (1-based) that end an SGDR cycle or the run: 1, 2, 4, 8, ... for awd_sgdr."""
-    epochs = [h["epoch"] + 1 for h in run["history"]]
+    """The epochs (1-based, as the history counts them) that end an SGDR cycle or the run: 1, 2,
+    4, 8, ... for awd_sgdr."""
+    epochs = [h["epoch"] for h in run["history"]]
     ends = [e for e in epochs if e & (e - 1) == 0]
     return ends + ([epochs[-1]] if epochs and epochs[-1] not in ends else [])
 
@@ -239,8 +240,8 @@ def compare_variants(runs: list[dict[str, Any]], names: list[str]) -> dict[str, 
     for name in names:
         diffs: dict[str, list[float]] = {}
         for r in (r for r in runs if r["variant"] == name):
-            loss = {h["epoch"] + 1: h["val_loss"] for h in r["history"]}
-            ref = {h["epoch"] + 1: h["val_loss"] for h in base[r["seed"]]["history"]}
+            loss = {h["epoch"]: h["val_loss"] for h in r["history"]}
+            ref = {h["epoch"]: h["val_loss"] for h in base[r["seed"]]["history"]}
             cells = []
             for key, mine, theirs in [
                 *((str(e), loss.get(e), ref.get(e)) for e in ends),

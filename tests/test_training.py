@@ -58,10 +58,15 @@ def _resume_config(architecture: str) -> RunConfig:
         config = config.override(  # AWD's dropouts too: embedding rows and DropConnect on the recurrence
             {"model.num_layers": 2, "model.dropout": 0.3, "model.embedding_dropout": 0.1, "model.weight_drop": 0.3}
         )
+    if config.model.architecture == "stateful_gru":  # locked dropout: one RNN per layer, masks per batch
+        config = config.override(
+            {"model.num_layers": 2, "model.dropout": 0.3, "model.input_dropout": 0.1, "model.weight_drop": 0.3,
+             "model.locked_dropout": True}
+        )  # fmt: skip
     return config
 
 
-@pytest.mark.parametrize("architecture", ["stateful_lstm", "char_rnn", "seq_rnn"])
+@pytest.mark.parametrize("architecture", ["stateful_lstm", "stateful_gru", "char_rnn", "seq_rnn"])
 def test_resume_continues_exactly(architecture, small_text, tmp_path):
     config = _resume_config(architecture)
     corpus = prepare_for(config, small_text)
