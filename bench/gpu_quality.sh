@@ -7,7 +7,8 @@
 #   bash bench/gpu_quality.sh                         # the preset and the default variants below
 #   bash bench/gpu_quality.sh "model.hidden_size=768 model.dropout=0.4"   # variants: overrides
 #   SEEDS="0 1 2 3" LIMIT=900 bash bench/gpu_quality.sh ...    # more seeds, a longer limit (420 s)
-#   DEVICE=cpu SET="model.hidden_size=32 epochs=2" CORPUS=small.txt bash bench/gpu_quality.sh   # a dry run
+#   DEVICE=cpu SEEDS=0 CORPUS=small.txt SET='schedule=[{"kind":"sgdr","lr":0.003,"cycles":1,"cycle_len":1}]' \
+#     bash bench/gpu_quality.sh    # a dry run: one epoch each (SET: overrides for every run, the preset's too)
 #
 # Each argument is one variant (v1, v2, ...): space-separated KEY=VALUE overrides of awd_sgdr.
 # On the lent machine it uses .gpu/ as bench/gpu_check.sh does (bench/gpu_env.sh). The console
