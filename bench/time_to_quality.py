@@ -222,19 +222,22 @@ def lstm_summary(
 
 
 def cycle_ends(run: dict[str, Any]) -> list[int]:
-    """The epochs (1-based, as the history counts them) that end an SGDR cycle or the run: 1, 2,
-    4, 8, ... for awd_sgdr."""
-    epochs = [h["epoch"] for h in run["history"]]
-    ends = [e for e in epochs if e & (e - 1) == 0]
-    return ends + ([epochs[-1]] if epochs and epochs[-1] not in ends else [])
+    """The epochs (1-based, as the history counts them) that end a phase or an SGDR cycle of the
+    run's schedule, up to the last it trained: 1, 2, 4, 8, ... for awd_sgdr."""
+    from charlm.config import preset
+    from charlm.schedule import Schedule
+
+    config = preset(run["preset"], run["architecture"]).override(run["overrides"])
+    trained = max(h["epoch"] for h in run["history"])
+    return sorted({int(seg.end) for seg in Schedule(config.schedule).segments if seg.end <= trained})
 
 
 def compare_variants(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
-    """Each variant's validation loss minus awd_sgdr's, same seed, same epoch: at every cycle end
-    and at their bests. Printed per seed and as the median over seeds."""
+    """Each variant's validation loss minus awd_sgdr's, same seed, same epoch: at every phase's
+    and cycle's end and at their bests. Printed per seed and as the median over seeds."""
     base = {r["seed"]: r for r in runs if r["variant"] == BASELINE}
     ends = cycle_ends(next(iter(base.values())))
-    print(f"\nvariants against {BASELINE}, validation loss at the end of each cycle (difference: variant - {BASELINE})")
+    print(f"\nvariants against {BASELINE}, validation loss at the end of each phase and cycle (variant - {BASELINE})")
     print("  " + f"{'epoch':28s}" + "".join(f"{e:>17d}" for e in ends) + f"{'best':>17s}")
     comparison: dict[str, Any] = {}
     for name in names:

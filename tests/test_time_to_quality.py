@@ -69,10 +69,10 @@ def test_weight_drop_masks_the_recurrence_in_training_only(architecture):
     assert set(model.state_dict()) == names  # eval mode registered nothing new
 
 
-def _locked(architecture: str, **extra: object) -> torch.nn.Module:
+def _locked(architecture: str) -> torch.nn.Module:
     return build_model(
         architecture, 30, embedding_dim=8, hidden_size=16, num_layers=2, dropout=0.5, weight_drop=0.5,
-        locked_dropout=True, input_dropout=0.5, output_dropout=0.5, **extra,
+        locked_dropout=True, input_dropout=0.5, output_dropout=0.5,
     )  # fmt: skip
 
 
@@ -104,7 +104,7 @@ def test_locked_dropout_shares_one_mask_across_time_steps(architecture):
     assert not torch.equal(model(tokens, carried)[0], a)
 
 
-def test_locked_dropout_off_matches_the_stacked_rnn_in_evaluation():
+def test_the_per_layer_rnns_match_the_stacked_rnn_in_evaluation():
     """The per-layer RNNs compute what one stacked RNN computes with the same weights."""
     layered = build_model("stateful_lstm", 30, embedding_dim=8, hidden_size=16, num_layers=2, locked_dropout=True)
     stacked = build_model("stateful_lstm", 30, embedding_dim=8, hidden_size=16, num_layers=2)
