@@ -78,6 +78,8 @@ def train(
             )
 
     trainer = Trainer(config, corpus, callbacks=[Print()], checkpoint_dir=snapshots_dir)
+    # what the run trains in, before its first epoch: auto's choice is per process and per machine
+    print(f"  {label or preset_name:10s} {arch} seed {seed}: precision {trainer.precision_note}", flush=True)
     result = trainer.fit()
     history = [{k: h[k] for k in ("epoch", "val_loss", "elapsed_s")} for h in result.history]
     combined: list[dict[str, Any]] = []
@@ -198,7 +200,10 @@ def lstm_summary(
     print(f"\nstateful_lstm awd_sgdr{plus} ({name}), seeds {args.seeds}{where}")
     for r in runs:
         times = ", ".join(f"{k} at {v / 60:.1f} min" for k, v in r["time_to"].items()) or "no target reached"
-        print(f"  seed {r['seed']}: best {r['best_val_loss']:.4f}  wall {r['wall_time_s'] / 60:.1f} min  ({times})")
+        print(
+            f"  seed {r['seed']}: best {r['best_val_loss']:.4f}  wall {r['wall_time_s'] / 60:.1f} min  "
+            f"{r['precision']}  ({times})"
+        )
         for c in r["snapshot_candidates"]:
             print(f"    {c['kind']} of the last {c['members']} cycle snapshots: val {c['val_loss']:.4f}")
     summary: dict[str, Any] = {
