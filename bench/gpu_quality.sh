@@ -19,9 +19,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 . bench/gpu_env.sh
 LIMIT=${LIMIT:-420} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SEEDS:-0 1}
-# the default variants: the wider model (2 x 768) at the preset's dropouts, which in fp32 on a
-# CPU stood at 1.2551 at epoch 32, 0.01 below two bf16 GPU runs of it, and best 1.2465 (one seed;
-# precision is auto: fp32 on a GPU); the same with heavier dropout (at 0.3 its last cycle
+# the default variants: the wider model (2 x 768) at the preset's dropouts, which on a CPU (most
+# likely bf16) stood at 1.2551 / 1.2663 at epoch 32 (seeds 0 / 1; two bf16 GPU runs 1.2650 / 1.2679),
+# seed 0's best 1.2465 (precision is auto: fp32 on a GPU); the same with heavier dropout (at 0.3 its last cycle
 # bottoms mid-cycle and ends higher, on the GPU and the CPU alike); and AWD-LSTM's locked dropout at its character-level recipe's proportions
 # (salesforce/awd-lstm-lm, PTB characters: weight-drop 0.5, 0.25 between layers, 0.1 on the
 # inputs and the outputs, no embedding dropout). Locked dropout at the preset's own rates:
