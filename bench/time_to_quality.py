@@ -7,6 +7,7 @@
     python bench/time_to_quality.py --lstm-only --parallel   # the LSTM seeds side by side, one core each
     python bench/time_to_quality.py --lstm-only --parallel --snapshots   # and its snapshot ensembles
     python bench/time_to_quality.py --lstm-only --parallel --set model.dropout=0.4   # a variant of it
+    python bench/time_to_quality.py --lstm-only --parallel --lstm-preset notebook_full   # the notebook's own
     python bench/time_to_quality.py --lstm-only --parallel --variant locked=model.locked_dropout=true
         # awd_sgdr and a variant of it side by side, each seed of each one process
 
@@ -18,7 +19,8 @@ first epoch whose validation loss reached 1.3697. Prints both, per seed and as m
 and the ratio preset / notebook. Both sides get this process's torch threads (the whole
 machine by default, as a nightly run has it; ``OMP_NUM_THREADS=1`` gives each side one core).
 
-Part 2 (the notebook's best LSTM, 1.2524): ``awd_sgdr``'s ``stateful_lstm`` per seed;
+Part 2 (the notebook's best LSTM, 1.2524): ``awd_sgdr``'s ``stateful_lstm`` per seed
+(``--lstm-preset notebook_full``: the notebook's own LSTM training, all 80 epochs of it, instead);
 prints the best validation loss, the time at which 1.2524 (and 1.22) was first reached,
 and the total wall time. ``--parallel`` trains the seeds at once, one process and one
 torch thread each (a seed then has one core of this 2-core machine: its times are an
@@ -46,7 +48,7 @@ from typing import Any
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nietzsche.txt"
 GRU_TARGET, LSTM_TARGET, STRETCH = 1.3697, 1.2524, 1.22
-BASELINE = "awd_sgdr"  # part 2's variants are compared with the preset itself
+BASELINE = "awd_sgdr"  # part 2's preset by default (--lstm-preset); its variants are compared with it
 
 
 def train(
@@ -147,9 +149,9 @@ def gru_part(args: argparse.Namespace) -> dict[str, Any]:
     return {"runs": runs, "summary": summary}
 
 
-def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
-    """``awd_sgdr`` itself first, then each ``NAME=OVERRIDE OVERRIDE ...``."""
-    variants: list[tuple[str, list[str]]] = [(BASELINE, [])]
+def parse_variants(specs: list[str], baseline: str = BASELINE) -> list[tuple[str, list[str]]]:
+    """The preset itself first, then each ``NAME=OVERRIDE OVERRIDE ...``."""
+    variants: list[tuple[str, list[str]]] = [(baseline, [])]
     for spec in specs:
         name, sep, overrides = spec.partition("=")
         if not sep or not name or not overrides.split() or name in dict(variants):
@@ -159,15 +161,17 @@ def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
-    variants = parse_variants(args.variant)
+    variants = parse_variants(args.variant, args.lstm_preset)
     jobs = [(name, overrides, seed) for name, overrides in variants for seed in args.seeds]
     if args.parallel and len(jobs) > 1:  # one process per variant and seed, one torch thread each
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         procs, outs = [], []
         for name, overrides, seed in jobs:
             out = Path(args.workdir) / f"lstm-{name}-seed{seed}.json"
-            cmd = [sys.executable, __file__, "--one", f"awd_sgdr:stateful_lstm:{seed}", "--corpus", args.corpus]
-            cmd += ["--workdir", args.workdir, "--label", name] + (["--snapshots"] if args.snapshots else [])
+            one = f"{args.lstm_preset}:stateful_lstm:{seed}"
+            cmd = [sys.executable, __file__, "--one", one, "--corpus", args.corpus]
+            cmd += ["--workdir", args.workdir, "--label", name, "--lstm-preset", args.lstm_preset]
+            cmd += ["--snapshots"] if args.snapshots else []
             cmd += [arg for override in [*args.set, *overrides] for arg in ("--set", override)]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             procs.append(subprocess.Popen([*cmd, "--json", str(out)], env=env))
@@ -178,7 +182,7 @@ def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
     else:
         runs = [
             train(
-                "awd_sgdr", "stateful_lstm", seed, args.corpus, [*args.set, *overrides],
+                args.lstm_preset, "stateful_lstm", seed, args.corpus, [*args.set, *overrides],
                 snapshots_dir(args, seed, name), label=name,
             )
             for name, overrides, seed in jobs
@@ -188,7 +192,7 @@ def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
         own = [r for r in runs if r["variant"] == name]
         report[name] = lstm_summary(args, name, overrides, own)
     if len(variants) > 1:
-        report["comparison"] = compare_variants(runs, [name for name, _ in variants])
+        report["comparison"] = compare_variants(runs, [name for name, _ in variants], args.lstm_preset)
     return report
 
 
@@ -197,7 +201,7 @@ def lstm_summary(
 ) -> dict[str, Any]:
     where = " in parallel, 1 thread each" if args.parallel else ""
     plus = " + " + " ".join(overrides) if overrides else ""
-    print(f"\nstateful_lstm awd_sgdr{plus} ({name}), seeds {args.seeds}{where}")
+    print(f"\nstateful_lstm {args.lstm_preset}{plus} ({name}), seeds {args.seeds}{where}")
     for r in runs:
         times = ", ".join(f"{k} at {v / 60:.1f} min" for k, v in r["time_to"].items()) or "no target reached"
         print(
@@ -237,12 +241,12 @@ def cycle_ends(run: dict[str, Any]) -> list[int]:
     return sorted({int(seg.end) for seg in Schedule(config.schedule).segments if seg.end <= trained})
 
 
-def compare_variants(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
-    """Each variant's validation loss minus awd_sgdr's, same seed, same epoch: at every phase's
+def compare_variants(runs: list[dict[str, Any]], names: list[str], baseline: str = BASELINE) -> dict[str, Any]:
+    """Each variant's validation loss minus the preset's, same seed, same epoch: at every phase's
     and cycle's end and at their bests. Printed per seed and as the median over seeds."""
-    base = {r["seed"]: r for r in runs if r["variant"] == BASELINE}
+    base = {r["seed"]: r for r in runs if r["variant"] == baseline}
     ends = cycle_ends(next(iter(base.values())))
-    print(f"\nvariants against {BASELINE}, validation loss at the end of each phase and cycle (variant - {BASELINE})")
+    print(f"\nvariants against {baseline}, validation loss at the end of each phase and cycle (variant - {baseline})")
     print("  " + f"{'epoch':28s}" + "".join(f"{e:>17d}" for e in ends) + f"{'best':>17s}")
     comparison: dict[str, Any] = {}
     for name in names:
@@ -259,11 +263,11 @@ def compare_variants(runs: list[dict[str, Any]], names: list[str]) -> dict[str, 
                     cells.append(f"{'—':>17s}")
                     continue
                 diff = mine - theirs
-                if name != BASELINE:
+                if name != baseline:
                     diffs.setdefault(key, []).append(diff)
-                cells.append(f"{mine:.4f} ({diff:+.4f})".rjust(17) if name != BASELINE else f"{mine:>17.4f}")
+                cells.append(f"{mine:.4f} ({diff:+.4f})".rjust(17) if name != baseline else f"{mine:>17.4f}")
             print(f"  {name + ' seed ' + str(r['seed']):28s}" + "".join(cells))
-        if name != BASELINE:
+        if name != baseline:
             comparison[name] = {k: statistics.median(v) for k, v in diffs.items()}
             print(
                 f"  {name + ' median difference':28s}"
@@ -273,8 +277,8 @@ def compare_variants(runs: list[dict[str, Any]], names: list[str]) -> dict[str, 
     return comparison
 
 
-def snapshots_dir(args: argparse.Namespace, seed: int, name: str = "awd_sgdr") -> str | None:
-    suffix = "" if name == BASELINE else f"-{name}"
+def snapshots_dir(args: argparse.Namespace, seed: int, name: str | None = None) -> str | None:
+    suffix = "" if name in (None, args.lstm_preset) else f"-{name}"
     return str(Path(args.workdir) / f"lstm-seed{seed}{suffix}-snapshots") if args.snapshots else None
 
 
@@ -314,6 +318,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--fast-arch", default="stateful_lstm", help="short_sgdr's architecture in part 1")
     parser.add_argument("--lstm", action="store_true", help="also part 2: awd_sgdr's LSTM to 1.2524")
+    parser.add_argument(
+        "--lstm-preset",
+        default=BASELINE,
+        help="part 2's preset (default awd_sgdr; notebook_full: the notebook's own 80-epoch LSTM training)",
+    )
     parser.add_argument("--lstm-only", action="store_true", help="only part 2")
     parser.add_argument("--parallel", action="store_true", help="part 2's seeds at once, one thread each")
     parser.add_argument("--workdir", default="/tmp", help="where parallel seeds leave their results")

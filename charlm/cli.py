@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--preset",
             choices=list(PRESETS),
-            help="notebook: its settings; tiny: seconds on a CPU; awd_sgdr (quality), short_sgdr (the notebook GRU's "
+            help="notebook: its settings; notebook_full: its stateful_lstm trained through all three of its fits "
+            "(80 epochs); tiny: seconds on a CPU; awd_sgdr (quality), short_sgdr (the notebook GRU's "
             "figure soonest): beyond the notebook, stateful models only (default: notebook)",
         )
         p.add_argument(

@@ -37,9 +37,10 @@ class PipelineParams(BaseModel):
     architectures: list[str] = option(
         lambda: list(ARCHITECTURES), "architectures to train (default: all ten)", flag="--arch", min_length=1
     )
-    preset_name: Literal["notebook", "tiny", "awd_sgdr", "short_sgdr"] = option(
+    preset_name: Literal["notebook", "notebook_full", "tiny", "awd_sgdr", "short_sgdr"] = option(
         "notebook",
-        "settings preset of every architecture (awd_sgdr, short_sgdr: the stateful ones only, beyond the notebook)",
+        "settings preset of every architecture (awd_sgdr, short_sgdr: the stateful ones only, beyond the notebook; "
+        "notebook_full: the notebook's 80-epoch stateful_lstm training)",
         flag="--preset",
     )
     overrides: dict[str, dict[str, Any]] = option(

@@ -409,6 +409,20 @@ def test_the_presets_beyond_the_notebook_keep_its_task():
     assert set(get_args(PipelineParams.model_fields["preset_name"].annotation)) == set(PRESETS)
 
 
+def test_notebook_full_is_the_notebooks_lstm_through_all_three_fits():
+    """lesson6-rnn.ipynb: fit 2 epochs, CosAnneal(cycle_mult=2) for 2**4-1, again for 2**6-1."""
+    full, first_two = preset("notebook_full", "stateful_lstm"), preset("notebook", "stateful_lstm")
+    assert full.schedule[:2] == first_two.schedule and full.epochs == 2 + 15 + 63
+    third = full.schedule[2]
+    assert (third.kind, third.lr, third.cycles, third.cycle_len, third.cycle_mult) == ("sgdr", 1e-2, 6, 1, 2)
+    assert full.data == first_two.data and full.optim == first_two.optim
+    # nn.LSTM(..., dropout=0.5) and no dropout before l_out, as the notebook's CharSeqStatefulLSTM
+    assert full.model.dropout == 0.5 and full.model.output_dropout == 0.0
+    assert full.model.model_copy(update={"output_dropout": None}) == first_two.model
+    with pytest.raises(ValueError, match="notebook_full is the notebook's stateful_lstm training, not stateful_gru"):
+        preset("notebook_full", "stateful_gru")
+
+
 def test_each_run_logs_elapsed_time_and_its_time_to_each_target_once(small_text, tmp_path):
     """Against MLflow's embedded SQLite store: ``elapsed_s`` per epoch, and each target's time
     logged once, at the epoch that first reached it, equal to that epoch's elapsed time."""
