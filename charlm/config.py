@@ -302,8 +302,9 @@ _NOTEBOOK: dict[str, tuple[ModelConfig, DataConfig, OptimConfig, tuple[Phase, ..
         (Phase.constant(1e-3, 6), Phase.constant(1e-4, 3)),
     ),
     # LayerOptimizer(Adam, 1e-2, wd=1e-5): 2 epochs, then CosAnneal(cycle_mult=2) for 2**4-1 epochs.
+    # nn.LSTM(..., dropout=0.5) drops out between the layers; nothing drops out before l_out.
     "stateful_lstm": (
-        ModelConfig(architecture="stateful_lstm", hidden_size=512, num_layers=2, dropout=0.5),
+        ModelConfig(architecture="stateful_lstm", hidden_size=512, num_layers=2, dropout=0.5, output_dropout=0.0),
         _STATEFUL_DATA,
         OptimConfig(weight_decay=1e-5),
         (Phase.constant(1e-2, 2), Phase.sgdr(1e-2, cycles=4, cycle_len=1, cycle_mult=2)),
@@ -329,9 +330,7 @@ def notebook_full(architecture: str) -> RunConfig:
         raise ValueError(f"preset notebook_full is the notebook's stateful_lstm training, not {architecture}")
     base = notebook(architecture)
     third_fit = Phase.sgdr(1e-2, cycles=6, cycle_len=1, cycle_mult=2)
-    # the notebook's model drops out between its LSTM layers only, not before the output layer
-    model = base.model.model_copy(update={"output_dropout": 0.0})
-    return base.model_copy(update={"model": model, "schedule": (*base.schedule, third_fit)})
+    return base.model_copy(update={"schedule": (*base.schedule, third_fit)})
 
 
 def tiny(architecture: str) -> RunConfig:
@@ -372,7 +371,9 @@ def awd_sgdr(architecture: str) -> RunConfig:
     base = _stateful_base("awd_sgdr", architecture)
     model = base.model
     if _layered(architecture):
-        model = model.model_copy(update={"dropout": 0.3, "embedding_dropout": 0.05, "weight_drop": 0.3})
+        model = model.model_copy(
+            update={"dropout": 0.3, "embedding_dropout": 0.05, "weight_drop": 0.3, "output_dropout": None}
+        )  # output_dropout None: 0.3 before the output layer too
     return RunConfig(
         model=model,
         data=base.data.model_copy(update={"batch_size": 32, "context": 32}),

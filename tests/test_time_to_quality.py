@@ -393,6 +393,7 @@ def test_json_overrides_replace_a_whole_schedule():
 def test_the_presets_beyond_the_notebook_keep_its_task():
     lstm = preset("awd_sgdr", "stateful_lstm")
     assert lstm.model.weight_drop > 0 and lstm.model.embedding_dropout > 0 and lstm.model.dropout > 0
+    assert lstm.model.output_dropout is None  # its dropout acts before the output layer too (not the notebook's 0)
     assert [p.kind for p in lstm.schedule] == ["constant", "sgdr"] and lstm.epochs == 64  # 1 + the notebook's 63
     fast = preset("short_sgdr", "stateful_lstm")
     assert fast.epochs == 2 and fast.model.num_layers == 1
@@ -415,10 +416,9 @@ def test_notebook_full_is_the_notebooks_lstm_through_all_three_fits():
     assert full.schedule[:2] == first_two.schedule and full.epochs == 2 + 15 + 63
     third = full.schedule[2]
     assert (third.kind, third.lr, third.cycles, third.cycle_len, third.cycle_mult) == ("sgdr", 1e-2, 6, 1, 2)
-    assert full.data == first_two.data and full.optim == first_two.optim
+    assert full.data == first_two.data and full.optim == first_two.optim and full.model == first_two.model
     # nn.LSTM(..., dropout=0.5) and no dropout before l_out, as the notebook's CharSeqStatefulLSTM
     assert full.model.dropout == 0.5 and full.model.output_dropout == 0.0
-    assert full.model.model_copy(update={"output_dropout": None}) == first_two.model
     with pytest.raises(ValueError, match="notebook_full is the notebook's stateful_lstm training, not stateful_gru"):
         preset("notebook_full", "stateful_gru")
 

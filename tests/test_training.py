@@ -204,6 +204,7 @@ def test_config_validation_names_the_problem():
 def test_notebook_presets_match_the_notebook():
     lstm = notebook("stateful_lstm")
     assert (lstm.model.hidden_size, lstm.model.num_layers, lstm.model.dropout) == (512, 2, 0.5)
+    assert lstm.model.output_dropout == 0.0  # nn.LSTM's dropout acts between its layers; none before l_out
     assert lstm.epochs == 2 + 15 and lstm.optim.weight_decay == 1e-5
     gru = notebook("stateful_gru")
     assert (gru.model.embedding_dim, gru.model.hidden_size, gru.data.batch_size, gru.data.context) == (42, 256, 64, 8)
