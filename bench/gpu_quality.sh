@@ -7,10 +7,12 @@
 #   bash bench/gpu_quality.sh                         # the preset and the default variants below
 #   bash bench/gpu_quality.sh "model.hidden_size=768 model.dropout=0.4"   # variants: overrides
 #   SEEDS="0 1 2 3" LIMIT=900 bash bench/gpu_quality.sh ...    # more seeds, a longer limit (420 s)
+#   PRESET=notebook_full LIMIT=540 bash bench/gpu_quality.sh   # the notebook's own 80 epochs (no variants)
 #   DEVICE=cpu SEEDS=0 CORPUS=small.txt SET='schedule=[{"kind":"sgdr","lr":0.003,"cycles":1,"cycle_len":1}]' \
 #     bash bench/gpu_quality.sh    # a dry run: one epoch each (SET: overrides for every run, the preset's too)
 #
-# Each argument is one variant (v1, v2, ...): space-separated KEY=VALUE overrides of awd_sgdr.
+# Each argument is one variant (v1, v2, ...): space-separated KEY=VALUE overrides of the preset
+# ($PRESET, default awd_sgdr; the default variants below are awd_sgdr's, none for another preset).
 # On the lent machine it uses .gpu/ as bench/gpu_check.sh does (bench/gpu_env.sh). The console
 # (one line per epoch and run, then each variant's summary with its snapshot ensembles and the
 # comparison with the preset) goes to $LOGS/quality.log; a run stopped at the limit still
@@ -18,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . bench/gpu_env.sh
-LIMIT=${LIMIT:-420} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SEEDS:-0 1}
+LIMIT=${LIMIT:-420} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SEEDS:-0 1} PRESET=${PRESET:-awd_sgdr}
 # the default variants: the wider model (2 x 768) at the preset's dropouts, which on a CPU (most
 # likely bf16) stood at 1.2551 / 1.2663 at epoch 32 (seeds 0 / 1; two bf16 GPU runs 1.2650 / 1.2679),
 # seed 0's best 1.2465 (precision is auto: fp32 on a GPU); the same with heavier dropout (at 0.3 its last cycle
@@ -26,7 +28,7 @@ LIMIT=${LIMIT:-420} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SE
 # (salesforce/awd-lstm-lm, PTB characters: weight-drop 0.5, 0.25 between layers, 0.1 on the
 # inputs and the outputs, no embedding dropout). Locked dropout at the preset's own rates:
 # "model.locked_dropout=true" (even with the preset over 8 epochs on a CPU).
-[ $# -gt 0 ] || set -- "model.hidden_size=768" "model.hidden_size=768 model.dropout=0.4" \
+[ $# -gt 0 ] || [ "$PRESET" != awd_sgdr ] || set -- "model.hidden_size=768" "model.hidden_size=768 model.dropout=0.4" \
   "model.locked_dropout=true model.weight_drop=0.5 model.dropout=0.25 model.input_dropout=0.1 model.output_dropout=0.1 model.embedding_dropout=0"
 sets=(--set "device=$DEVICE")
 for override in ${SET:-}; do sets+=(--set "$override"); done  # every run's, the preset's too
@@ -35,11 +37,11 @@ variants=() n=0
 for variant in "$@"; do
   n=$((n + 1))
   variants+=(--variant "v$n=$variant")
-  echo "v$n: awd_sgdr + $variant" | tee -a "$LOGS/quality.log"
+  echo "v$n: $PRESET + $variant" | tee -a "$LOGS/quality.log"
 done
 # shellcheck disable=SC2086  # SEEDS is a list
 timeout -k 5 "$LIMIT" "$PY" bench/time_to_quality.py --corpus "$CORPUS" --lstm-only --parallel --snapshots \
-  --seeds $SEEDS --workdir /tmp/quality --json "$LOGS/quality.json" "${sets[@]}" "${variants[@]}" \
+  --lstm-preset "$PRESET" --seeds $SEEDS --workdir /tmp/quality --json "$LOGS/quality.json" "${sets[@]}" "${variants[@]}" \
   >>"$LOGS/quality.log" 2>&1
 echo "exit $?" >>"$LOGS/quality.log"
-grep -E "^  epoch |epoch +(8|16|32|64)/|seed [0-9]+:|median|snapshots|variants against|awd_sgdr|^  v[0-9]|Error|^exit" "$LOGS/quality.log"
+grep -E "^  epoch |epoch +(8|16|17|32|48|64|80)/|seed [0-9]+:|median|snapshots|variants against|$PRESET|^  v[0-9]|Error|^exit" "$LOGS/quality.log"
