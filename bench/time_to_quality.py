@@ -149,7 +149,7 @@ def gru_part(args: argparse.Namespace) -> dict[str, Any]:
     return {"runs": runs, "summary": summary}
 
 
-def parse_variants(specs: list[str], baseline: str = BASELINE) -> list[tuple[str, list[str]]]:
+def parse_variants(specs: list[str], baseline: str) -> list[tuple[str, list[str]]]:
     """The preset itself first, then each ``NAME=OVERRIDE OVERRIDE ...``."""
     variants: list[tuple[str, list[str]]] = [(baseline, [])]
     for spec in specs:
@@ -170,7 +170,7 @@ def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
             out = Path(args.workdir) / f"lstm-{name}-seed{seed}.json"
             one = f"{args.lstm_preset}:stateful_lstm:{seed}"
             cmd = [sys.executable, __file__, "--one", one, "--corpus", args.corpus]
-            cmd += ["--workdir", args.workdir, "--label", name, "--lstm-preset", args.lstm_preset]
+            cmd += ["--workdir", args.workdir, "--label", name]
             cmd += ["--snapshots"] if args.snapshots else []
             cmd += [arg for override in [*args.set, *overrides] for arg in ("--set", override)]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -241,7 +241,7 @@ def cycle_ends(run: dict[str, Any]) -> list[int]:
     return sorted({int(seg.end) for seg in Schedule(config.schedule).segments if seg.end <= trained})
 
 
-def compare_variants(runs: list[dict[str, Any]], names: list[str], baseline: str = BASELINE) -> dict[str, Any]:
+def compare_variants(runs: list[dict[str, Any]], names: list[str], baseline: str) -> dict[str, Any]:
     """Each variant's validation loss minus the preset's, same seed, same epoch: at every phase's
     and cycle's end and at their bests. Printed per seed and as the median over seeds."""
     base = {r["seed"]: r for r in runs if r["variant"] == baseline}
@@ -277,8 +277,8 @@ def compare_variants(runs: list[dict[str, Any]], names: list[str], baseline: str
     return comparison
 
 
-def snapshots_dir(args: argparse.Namespace, seed: int, name: str | None = None) -> str | None:
-    suffix = "" if name in (None, args.lstm_preset) else f"-{name}"
+def snapshots_dir(args: argparse.Namespace, seed: int, name: str) -> str | None:
+    suffix = "" if name == args.lstm_preset else f"-{name}"
     return str(Path(args.workdir) / f"lstm-seed{seed}{suffix}-snapshots") if args.snapshots else None
 
 
@@ -353,7 +353,7 @@ def main() -> None:
 
     if args.one:
         name, arch, seed = args.one.split(":")
-        label = args.label or name
+        args.lstm_preset, label = name, args.label or name  # the preset --one trains is part 2's
         run = train(name, arch, int(seed), args.corpus, args.set, snapshots_dir(args, int(seed), label), label)
         Path(args.json).write_text(json.dumps(run))
         return
