@@ -2,6 +2,7 @@
 
     python bench/step_costs.py                          # notebook GRU, notebook LSTM, awd_sgdr LSTM
     python bench/step_costs.py --only stateful_gru:notebook --steps 100
+    python bench/step_costs.py --only stateful_lstm:awd_sgdr --set data.batch_size=64
 
 For each configuration, on the real corpus:
 
@@ -64,8 +65,8 @@ def step_runner(trainer: Trainer, plan: list, steps: int) -> tuple[Callable[[], 
     return run, sum(targets.numel() for _, targets in batches)
 
 
-def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> None:
-    config = preset(preset_name, arch).override({"progress": False})
+def measure(arch: str, preset_name: str, text: str, steps: int, trials: int, overrides: list[str]) -> None:
+    config = preset(preset_name, arch).override(["progress=false", *overrides])
     corpus = prepare_for(config, text)
     out = Path(tempfile.mkdtemp(prefix="charlm-costs-"))
     trainer = Trainer(config, corpus, checkpoint_dir=out)
@@ -126,8 +127,9 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int) -> 
     torch.set_num_threads(default_threads)
 
     total = sum(costs.values())
+    changed = f" ({' '.join(overrides)})" if overrides else ""
     print(
-        f"\n{arch} / {preset_name}: {n} steps an epoch of {config.data.batch_size} x {config.data.context}, "
+        f"\n{arch} / {preset_name}{changed}: {n} steps an epoch of {config.data.batch_size} x {config.data.context}, "
         f"{trainer.precision}, {default_threads} threads — {total:.1f} s an epoch"
     )
     for name, seconds in costs.items():
@@ -147,11 +149,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=DEFAULT, metavar="ARCH:PRESET")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for every run")
     args = parser.parse_args()
     text = read_corpus(args.corpus)
     for item in args.only:
         arch, preset_name = item.split(":")
-        measure(arch, preset_name, text, args.steps, args.trials)
+        measure(arch, preset_name, text, args.steps, args.trials, args.set)
 
 
 if __name__ == "__main__":
