@@ -55,6 +55,12 @@ class DataConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     context: int = Field(8, ge=1, description="window length, sequence length or bptt, by layout")
     random_bptt: bool = Field(False, description="fastai's randomised bptt length (stream layout only)")
+    random_offset: bool = Field(
+        False,
+        description="each training epoch starts its bptt spans at a random offset below the bptt, so the "
+        "truncation boundaries move from epoch to epoch (stream layout only; with fixed_shape the columns' "
+        "first few characters are skipped that epoch instead of making a short first batch)",
+    )
     fixed_shape: bool = Field(
         False, description="every training batch the same shape: the ragged last batch of an epoch is dropped"
     )
@@ -153,6 +159,8 @@ class RunConfig(_Strict):
             raise ValueError(f"char3 reads exactly 3 characters: data.context must be 3, got {self.data.context}")
         if self.data.random_bptt and arch.layout != "stream":
             raise ValueError(f"random_bptt applies to stateful models only, not {self.model.architecture}")
+        if self.data.random_offset and arch.layout != "stream":
+            raise ValueError(f"random_offset applies to stateful models only, not {self.model.architecture}")
         if self.data.fixed_shape and self.data.random_bptt:
             raise ValueError("data.fixed_shape needs a fixed bptt: set data.random_bptt=false")
         if self.cuda_graph and not self.data.fixed_shape:

@@ -376,17 +376,24 @@ class StreamLayout(Layout):
 
     With ``random_bptt`` each batch's length follows fastai: the base length is
     ``bptt`` (95%) or ``bptt / 2`` (5%), then ``max(5, int(normal(base, 5)))`` (int truncates, as in fastai).
+    With ``random_offset`` each training epoch's spans start at a random offset in
+    ``[0, bptt)``, so the truncation boundaries move from epoch to epoch (a fixed bptt otherwise
+    cuts every epoch at the same characters); the characters before it make a short first batch,
+    or, with ``fixed_shape``, are skipped that epoch (fewer than ``bptt`` a column).
     In a distributed run ``batch_size`` is the global batch: rank ``r`` owns rows
-    ``r * B/W … (r+1) * B/W - 1``, and all ranks draw the same lengths.
+    ``r * B/W … (r+1) * B/W - 1``, and all ranks draw the same lengths and offsets.
     """
 
-    def __init__(self, tokens: torch.Tensor, *, random_bptt: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, tokens: torch.Tensor, *, random_bptt: bool = False, random_offset: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(tokens, **kwargs)
         if self.batch_size % self.world_size:
             raise ValueError(
                 f"{self.name}: batch_size {self.batch_size} is not divisible by world_size {self.world_size}"
             )
         self.random_bptt = random_bptt
+        self.random_offset = random_offset
         self.column_length = tokens.numel() // self.batch_size
         need = self.context + 1 if self.fixed_shape else 2  # fixed shape: one whole bptt span per column
         if self.column_length < need:
@@ -402,6 +409,10 @@ class StreamLayout(Layout):
     def plan(self, epoch: int, seed: int, shuffle: bool) -> list[tuple[int, int]]:
         gen = _epoch_generator(seed, epoch)
         spans, start, last = [], 0, self.column_length - 1
+        offset = self.epoch_offset(epoch, seed) if shuffle else 0
+        if offset and not self.fixed_shape:
+            spans.append((0, offset))
+        start = offset
         while start < last:
             length = self.context
             if self.random_bptt and shuffle:
@@ -413,6 +424,15 @@ class StreamLayout(Layout):
             spans.append((start, length))
             start += length
         return spans
+
+    def epoch_offset(self, epoch: int, seed: int) -> int:
+        """Where a training epoch's first whole bptt span starts in each column (0 without
+        ``random_offset``); drawn from a generator of its own, so ``random_bptt``'s lengths stay
+        those it draws without the offset."""
+        if not self.random_offset or self.context < 2:
+            return 0
+        offset = int(torch.randint(0, self.context, (), generator=_epoch_generator(seed + 7919, epoch)))
+        return min(offset, max(self.column_length - 1 - (self.context if self.fixed_shape else 1), 0))
 
     def batch(self, item: tuple[int, int]) -> Batch:
         start, length = item
@@ -433,6 +453,7 @@ def make_layout(
     batch_size: int,
     context: int,
     random_bptt: bool = False,
+    random_offset: bool = False,
     name: str = "data",
     rank: int = 0,
     world_size: int = 1,
@@ -443,7 +464,7 @@ def make_layout(
         cls = LAYOUTS[kind]
     except KeyError:
         raise ValueError(f"unknown layout {kind!r}; known: {', '.join(LAYOUTS)}") from None
-    extra = {"random_bptt": random_bptt} if cls is StreamLayout else {}
+    extra = {"random_bptt": random_bptt, "random_offset": random_offset} if cls is StreamLayout else {}
     return cls(
         tokens,
         batch_size=batch_size,

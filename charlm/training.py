@@ -287,6 +287,7 @@ class Trainer:
             batch_size=data.batch_size,
             context=data.context,
             random_bptt=data.random_bptt,
+            random_offset=data.random_offset,
             name="training split",
             rank=rank,
             world_size=world_size,

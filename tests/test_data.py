@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from charlm.config import preset
 from charlm.data import (
     UNK_INDEX,
     CorpusError,
@@ -152,6 +153,41 @@ def test_random_bptt_varies_length_is_reproducible_and_covers_the_stream():
     assert plan != layout.plan(epoch=1, seed=1, shuffle=True)
     assert sum(lengths) == layout.column_length - 1  # every position predicted once
     assert layout.progress(plan, len(plan) - 1) == 1.0
+
+
+def test_random_offset_moves_the_truncation_boundaries_each_epoch():
+    stream = torch.arange(4 * 401) % 200
+    fixed = StreamLayout(stream, batch_size=4, context=8)
+    assert {fixed.plan(e, 3, True)[0] for e in range(20)} == {(0, 8)}  # without it: the same cuts every epoch
+    moving = StreamLayout(stream, batch_size=4, context=8, random_offset=True)
+    plans = [moving.plan(e, 3, True) for e in range(20)]
+    assert plans == [moving.plan(e, 3, True) for e in range(20)]  # reproducible from seed and epoch
+    assert len({moving.epoch_offset(e, 3) for e in range(20)}) > 3  # the cuts move from epoch to epoch
+    for plan in plans:  # a short first batch, then whole bptt spans: every position predicted once
+        assert sum(n for _, n in plan) == moving.column_length - 1
+        assert all(n == 8 for _, n in plan[1:-1]) and plan[0][1] <= 8
+    assert moving.plan(0, 3, False) == fixed.plan(0, 3, False)  # validation is not moved
+
+    shaped = StreamLayout(stream, batch_size=4, context=8, random_offset=True, fixed_shape=True)
+    for epoch in range(20):
+        plan = shaped.plan(epoch, 3, True)
+        assert {n for _, n in plan} == {8}  # one batch shape (a CUDA graph can replay it)
+        assert plan[0][0] < 8 and plan[-1][0] + 8 <= shaped.column_length - 1  # the skipped head is under a bptt
+    assert len({shaped.plan(e, 3, True)[0][0] for e in range(20)}) > 3
+
+    randomised = StreamLayout(stream, batch_size=4, context=8, random_bptt=True)
+    both = StreamLayout(stream, batch_size=4, context=8, random_bptt=True, random_offset=True)
+    epoch = next(e for e in range(20) if both.epoch_offset(e, 3))
+    lengths = [n for _, n in randomised.plan(epoch, 3, True)]
+    moved = [n for _, n in both.plan(epoch, 3, True)]
+    assert moved[0] == both.epoch_offset(epoch, 3)  # the short first batch, then random_bptt's own lengths
+    assert moved[1 : len(lengths) - 1] == lengths[: len(lengths) - 2]
+
+
+def test_random_offset_is_for_the_stateful_models_only():
+    assert preset("awd_sgdr", "stateful_lstm").override({"data.random_offset": True}).data.random_offset
+    with pytest.raises(ValueError, match="random_offset applies to stateful models only, not seq_rnn"):
+        preset("notebook", "seq_rnn").override({"data.random_offset": True})
 
 
 def test_shuffled_window_epochs_cover_every_example_once():
