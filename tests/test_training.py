@@ -61,8 +61,8 @@ def _resume_config(architecture: str) -> RunConfig:
     if config.model.architecture == "stateful_gru":  # locked dropout: one RNN per layer, masks per batch
         config = config.override(
             {"model.num_layers": 2, "model.dropout": 0.3, "model.input_dropout": 0.1, "model.weight_drop": 0.3,
-             "model.locked_dropout": True}
-        )  # fmt: skip
+             "model.locked_dropout": True, "data.random_offset": True}
+        )  # fmt: skip  # and the bptt cuts moved every epoch (a short first batch)
     return config
 
 
