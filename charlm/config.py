@@ -157,10 +157,9 @@ class RunConfig(_Strict):
         arch = get_architecture(self.model.architecture)
         if self.model.architecture == "char3" and self.data.context != 3:
             raise ValueError(f"char3 reads exactly 3 characters: data.context must be 3, got {self.data.context}")
-        if self.data.random_bptt and arch.layout != "stream":
-            raise ValueError(f"random_bptt applies to stateful models only, not {self.model.architecture}")
-        if self.data.random_offset and arch.layout != "stream":
-            raise ValueError(f"random_offset applies to stateful models only, not {self.model.architecture}")
+        for flag in ("random_bptt", "random_offset"):
+            if getattr(self.data, flag) and arch.layout != "stream":
+                raise ValueError(f"{flag} applies to stateful models only, not {self.model.architecture}")
         if self.data.fixed_shape and self.data.random_bptt:
             raise ValueError("data.fixed_shape needs a fixed bptt: set data.random_bptt=false")
         if self.cuda_graph and not self.data.fixed_shape:

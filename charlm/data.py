@@ -408,11 +408,10 @@ class StreamLayout(Layout):
 
     def plan(self, epoch: int, seed: int, shuffle: bool) -> list[tuple[int, int]]:
         gen = _epoch_generator(seed, epoch)
-        spans, start, last = [], 0, self.column_length - 1
-        offset = self.epoch_offset(epoch, seed) if shuffle else 0
-        if offset and not self.fixed_shape:
-            spans.append((0, offset))
-        start = offset
+        spans, last = [], self.column_length - 1
+        start = self.epoch_offset(epoch, seed) if shuffle else 0
+        if start and not self.fixed_shape:
+            spans.append((0, start))  # the characters before the offset: a short first batch
         while start < last:
             length = self.context
             if self.random_bptt and shuffle:
