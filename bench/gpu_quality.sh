@@ -27,10 +27,10 @@ LIMIT=${LIMIT:-420} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SE
 # bottoms mid-cycle and ends higher, on the GPU and the CPU alike); and AWD-LSTM's locked dropout at its character-level recipe's proportions
 # (salesforce/awd-lstm-lm, PTB characters: weight-drop 0.5, 0.25 between layers, 0.1 on the
 # inputs and the outputs, no embedding dropout). Locked dropout at the preset's own rates:
-# "model.locked_dropout=true" (even with the preset over 8 epochs on a CPU). Last, the preset with
+# "model.locked_dropout=true" (even with the preset over 8 epochs on a CPU). Then the preset with
 # its bptt cuts moved every epoch (data.random_offset: the notebook's random bptt did that, the
 # preset's fixed shape stopped it), which matters, if at all, in the last cycles where it overfits.
-# And the preset's 64 epochs as one cosine (after its constant epoch) instead of six SGDR cycles:
+# Last, the preset's 64 epochs as one cosine (after its constant epoch) instead of six SGDR cycles:
 # over 32 epochs on a CPU one cosine ended below where the cycles stood at epoch 32 (README).
 [ $# -gt 0 ] || [ "$PRESET" != awd_sgdr ] || set -- "model.hidden_size=768" "model.hidden_size=768 model.dropout=0.4" \
   "model.locked_dropout=true model.weight_drop=0.5 model.dropout=0.25 model.input_dropout=0.1 model.output_dropout=0.1 model.embedding_dropout=0" \
