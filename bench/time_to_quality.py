@@ -191,6 +191,8 @@ def lstm_part(args: argparse.Namespace) -> dict[str, Any]:
     for name, overrides in variants:
         own = [r for r in runs if r["variant"] == name]
         report[name] = lstm_summary(args, name, overrides, own)
+        if args.snapshots and len(args.seeds) > 1:
+            report[name]["seed_ensemble_val_loss"] = seed_ensemble(args, name)
     if len(variants) > 1:
         report["comparison"] = compare_variants(runs, [name for name, _ in variants], args.lstm_preset)
     return report
@@ -228,6 +230,22 @@ def lstm_summary(
             summary[f"median {label}"] = statistics.median(r["snapshot_candidates"][i]["val_loss"] for r in runs)
             print(f"  median {label} cycle snapshots: {summary[f'median {label}']:.4f}")
     return summary
+
+
+def seed_ensemble(args: argparse.Namespace, name: str) -> float:
+    """The ensemble of the seeds' best checkpoints (probabilities averaged: as many models' cost
+    as seeds), on the same validation split and columns as each run's own validation: what
+    training the seeds side by side buys as one model, against each seed's best alone."""
+    from charlm.candidates import validation_metrics
+    from charlm.data import read_corpus
+    from charlm.generate import LoadedModel
+    from charlm.prepared import prepare_for
+
+    paths = [Path(str(snapshots_dir(args, seed, name))) / "best.pt" for seed in args.seeds]
+    loaded = LoadedModel.from_checkpoints(paths, combine="ensemble", device="cpu")
+    loss = validation_metrics(loaded, prepare_for(loaded.config, read_corpus(args.corpus)))["val_loss"]
+    print(f"  ensemble of the {len(paths)} seeds' best checkpoints ({len(paths)} models' cost): val {loss:.4f}")
+    return loss
 
 
 def cycle_ends(run: dict[str, Any]) -> list[int]:
@@ -329,7 +347,8 @@ def main() -> None:
     parser.add_argument(
         "--snapshots",
         action="store_true",
-        help="part 2 keeps its cycle snapshots in --workdir and evaluates their ensembles and weight averages",
+        help="part 2 keeps its cycle snapshots in --workdir and evaluates their ensembles and weight averages, "
+        "and (with 2+ seeds) the ensemble of the seeds' best checkpoints",
     )
     parser.add_argument(
         "--set",

@@ -43,12 +43,13 @@ class Combined:
 
 
 def validation_metrics(loaded: LoadedModel, corpus: PreparedCorpus) -> dict[str, float]:
-    """Loss, bits/char and accuracy on the whole validation split, as training measured them."""
+    """Loss, bits/char and accuracy on the whole validation split, as training measured them (the
+    run's validation batch, so that a candidate compares with the run's best ``val_loss``)."""
     data = loaded.config.data
     layout = make_layout(
         loaded.model.layout,
         corpus.valid,
-        batch_size=data.batch_size,
+        batch_size=data.validation_batch_size,
         context=data.context,
         name="validation split",
         even=False,

@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_count(1),
         help="evaluation batch (for stateful models: the number of columns, each starting from a zero "
-        "state; default: the training batch size, as the notebook did)",
+        "state; default: the run's validation batch, which its val_loss was measured with)",
     )
     p.add_argument("--context", type=_count(1), help="evaluation sequence length (sequence/stream layouts)")
     p.add_argument("--device")

@@ -71,6 +71,12 @@ class DataConfig(_Strict):
     min_freq: int = Field(1, ge=1)
     valid_fraction: float = Field(0.2, gt=0.0, lt=1.0)
 
+    @property
+    def validation_batch_size(self) -> int:
+        """The columns (stream) or rows that validation reads: what training measured every epoch's
+        ``val_loss`` with, so what every later evaluation of the run's models must use to compare."""
+        return self.valid_batch_size or self.batch_size
+
 
 class OptimConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)

@@ -78,7 +78,8 @@ class LoadedModel:
     def evaluate_text(self, text: str, *, batch_size: int | None = None, context: int | None = None) -> dict[str, Any]:
         """Validation metrics on the validation split of ``text`` (this model's split fraction and
         vocabulary; unseen characters count as unknown). Stateful models read ``batch_size``
-        columns, each from a zero state; the default is the training batch size, as the notebook did."""
+        columns, each from a zero state; the default is the run's validation batch (``valid_batch_size``,
+        else the training batch size, as the notebook did): what its ``val_loss`` was measured with."""
         from charlm.data import make_layout, split_text
         from charlm.training import evaluate
 
@@ -90,7 +91,7 @@ class LoadedModel:
         layout = make_layout(
             self.model.layout,
             self.vocab.encode(valid_text),
-            batch_size=batch_size or data.batch_size,
+            batch_size=batch_size or data.validation_batch_size,
             context=context,
             name="validation split",
             even=False,

@@ -296,7 +296,7 @@ class Trainer:
         self.valid_layout: Layout = make_layout(
             self.arch.layout,
             corpus.valid.to(self.device),
-            batch_size=data.valid_batch_size or data.batch_size,
+            batch_size=data.validation_batch_size,
             context=data.context,
             name="validation split",
             even=False,

@@ -89,3 +89,24 @@ def test_the_cli_evaluates_and_generates_from_several_checkpoints(run, capsys):
     first = capsys.readouterr().out
     assert main([*argv, "--seed", "2"]) == 0
     assert capsys.readouterr().out == first and len(first.strip()) >= 30  # deterministic with a seed
+
+
+def test_later_evaluations_read_the_validation_batch_that_training_measured_with(tmp_path):
+    """A run whose validation batch differs from its training batch (awd_sgdr: 32 columns to train,
+    the notebook's 64 to validate): its best checkpoint re-evaluated — as a promotion candidate, by
+    ``charlm evaluate``, by the registry's champion check — gives the loss training recorded, so a
+    snapshot ensemble and the best model are compared on the same columns."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_text(1200, seed=11), encoding="utf-8")
+    config = tiny("stateful_lstm").override({"data.valid_batch_size": 4, "precision": "fp32"})
+    data = prepared.prepare(str(corpus), config, tmp_path / "store")
+    result = run_job(TrainJob(config=config, data=data, checkpoint_dir=str(tmp_path / "run")))
+    best = LoadedModel.from_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
+    recorded = result.best_val_loss
+    assert validation_metrics(best, prepared.load(data.dir))["val_loss"] == pytest.approx(recorded, rel=1e-5)
+    by_text = best.evaluate_text(corpus.read_text(encoding="utf-8"))
+    assert by_text["batch_size"] == 4
+    assert by_text["val_loss"] == pytest.approx(recorded, rel=1e-5)
+    # and the columns matter: 16 columns (the training batch) measure another loss
+    other = best.evaluate_text(corpus.read_text(encoding="utf-8"), batch_size=16)["val_loss"]
+    assert abs(other - recorded) > 1e-4
