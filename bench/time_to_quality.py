@@ -241,7 +241,8 @@ def seed_ensemble(args: argparse.Namespace, name: str) -> float:
     from charlm.generate import LoadedModel
     from charlm.prepared import prepare_for
 
-    paths = [Path(str(snapshots_dir(args, seed, name))) / "best.pt" for seed in args.seeds]
+    dirs = [snapshots_dir(args, seed, name) for seed in args.seeds]
+    paths = [Path(d) / "best.pt" for d in dirs if d is not None]  # every one, with --snapshots
     loaded = LoadedModel.from_checkpoints(paths, combine="ensemble", device="cpu")
     loss = validation_metrics(loaded, prepare_for(loaded.config, read_corpus(args.corpus)))["val_loss"]
     print(f"  ensemble of the {len(paths)} seeds' best checkpoints ({len(paths)} models' cost): val {loss:.4f}")
