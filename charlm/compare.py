@@ -46,13 +46,14 @@ def rows_of(result: TrainResult) -> list[dict[str, Any]]:
     snapshots (their parameters: what inference holds; their speed: greedy generation)."""
     base = {c: getattr(result, c) for c in COLUMNS if c not in ("rank", "candidate", "target_reached")}
     base["target_reached"] = target_reached(result)
-    rows = [{**base, "candidate": "best checkpoint"}]
+    of_seed = f", seed {result.seed}" if result.name and result.name != result.architecture else ""
+    rows = [{**base, "candidate": "best checkpoint" + of_seed}]
     for c in result.candidates:
         members = len(c["members"])
         rows.append(
             {
                 **base,
-                "candidate": c["label"],
+                "candidate": c["label"] + of_seed,
                 "best_val_loss": c["val_loss"],
                 "best_val_bpc": c["val_bpc"],
                 "parameters": result.parameters * (members if c["kind"] == "ensemble" else 1),
@@ -70,13 +71,30 @@ def primary_task(results: Sequence[TrainResult], champion_task: str | None = Non
     return max(tasks, key=lambda t: (tasks[t], -min(r.best_val_loss for r in results if r.task == t)))
 
 
-def comparison_table(results: Sequence[TrainResult], primary: str | None = None) -> pd.DataFrame:
-    """One row per architecture: the primary task's rows first, ranked by best validation loss;
+def seed_ensemble_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """The line of an ensemble of several seeds' best checkpoints (:func:`charlm.experiment.log_seed_ensembles`):
+    its parameters are all its members', its wall time their training's sum, its run the parent."""
+    row = {c: entry.get(c) for c in COLUMNS if c not in ("rank", "candidate", "best_val_loss", "best_val_bpc")}
+    return {
+        **row,
+        "candidate": entry["label"],
+        "best_val_loss": entry["val_loss"],
+        "best_val_bpc": entry["val_bpc"],
+        "chars_per_sec": math.nan,
+        "target_reached": "",
+    }
+
+
+def comparison_table(
+    results: Sequence[TrainResult], primary: str | None = None, seed_ensembles: Sequence[dict[str, Any]] = ()
+) -> pd.DataFrame:
+    """One row per candidate — each architecture's best checkpoint, its snapshots' ensembles and
+    averages, the ensembles of its seeds: the primary task's rows first, ranked by validation loss;
     then each other task's rows, ranked among themselves (rank restarts at 1 per task)."""
     import pandas as pd
 
     primary = primary or primary_task(results)
-    every = [row for r in results for row in rows_of(r)]
+    every = [row for r in results for row in rows_of(r)] + [seed_ensemble_row(e) for e in seed_ensembles]
     ordered = sorted(every, key=lambda row: (row["task"] != primary, row["task"], row["best_val_loss"]))
     ranks = Counter[str]()
     for row in ordered:
@@ -106,6 +124,8 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "—"
     if isinstance(value, float):
         return f"{value:,.4f}".rstrip("0").rstrip(".") if value % 1 else f"{value:,.0f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
@@ -134,7 +154,7 @@ def plot_loss_against_time(results: Sequence[TrainResult], path: str | os.PathLi
     for r in sorted(results, key=lambda r: r.best_val_loss):
         points = [(t, v) for t, v in zip(r.elapsed_curve, r.val_loss_curve) if math.isfinite(t)]
         if points:
-            ax.plot(*zip(*points), marker="o", markersize=3, label=f"{r.architecture} ({r.task})")
+            ax.plot(*zip(*points), marker="o", markersize=3, label=f"{r.name or r.architecture} ({r.task})")
     low, high = ax.get_ylim()
     for target in QUALITY_TARGETS:
         if low <= target <= high:
@@ -158,7 +178,9 @@ def plot_validation_curves(results: Sequence[TrainResult], path: str | os.PathLi
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for r in sorted(results, key=lambda r: r.best_val_loss):
         curve = r.val_loss_curve
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=f"{r.architecture} ({r.task})")
+        ax.plot(
+            range(1, len(curve) + 1), curve, marker="o", markersize=3, label=f"{r.name or r.architecture} ({r.task})"
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     return _save(fig, ax, f"validation loss by architecture{' — ' + title if title else ''}", path)

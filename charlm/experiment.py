@@ -1,4 +1,5 @@
-"""MLflow lineage of a pipeline run: the parent run, one child run per architecture.
+"""MLflow lineage of a pipeline run: the parent run, one child run per architecture (per seed
+where an architecture is trained with several), and the seeds' ensembles on the parent.
 
 :func:`train_in_child_run` wraps one :class:`~charlm.job.TrainJob` in a child run: the
 corpus as a dataset input, the vocabulary and statistics as artifacts, then the job —
@@ -30,8 +31,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from charlm import stopping
 from charlm.distributed import DistributedConfig, launch_training
 from charlm.job import TrackingTarget, TrainJob, TrainResult, run_job
-from charlm.prepared import CorpusRef
-from charlm.provenance import source_tags
+from charlm.prepared import CorpusRef, PreparedRef
+from charlm.provenance import fingerprint, source_tags
 from charlm.training import Callback
 
 ENTRY_POINT = "flows/pipeline.py"
@@ -168,10 +169,11 @@ def train_in_child_run(
     arch, corpus = job.architecture, job.data.corpus
     run = client.create_run(
         experiment_id,
-        run_name=arch,
+        run_name=job.name,
         tags={
             "mlflow.parentRunId": parent_run_id,
             "charlm.architecture": arch,
+            "charlm.seed": str(job.config.seed),
             "charlm.task": job.data.settings.task,
             "charlm.fingerprint": job.fingerprint(),
             **corpus_tags(corpus),
@@ -198,3 +200,70 @@ def train_in_child_run(
         raise
     end_run(run_id)
     return result.model_copy(update={"wall_time_s": wall, "run_id": run_id})
+
+
+def seed_groups(results: Sequence[TrainResult]) -> list[list[TrainResult]]:
+    """The results of one architecture and task trained with several seeds (two or more, each with a
+    best checkpoint), seed order, one list per architecture and task."""
+    groups: dict[tuple[str, str], list[TrainResult]] = {}
+    for r in results:
+        if r.checkpoints.get("best"):
+            groups.setdefault((r.architecture, r.task), []).append(r)
+    return [sorted(g, key=lambda r: r.seed) for g in groups.values() if len({r.seed for r in g}) >= 2]
+
+
+def log_seed_ensembles(
+    parent_run_id: str, results: Sequence[TrainResult], data: Sequence[PreparedRef]
+) -> list[dict[str, object]]:
+    """For each architecture trained with several seeds: the ensemble of their best checkpoints,
+    evaluated on the validation split they were trained against and logged as a model of the
+    parent run (kind ``seed_ensemble``) — a promotion candidate like a run's snapshot ensembles,
+    with its own fingerprint (its members'), so that a rerun registers nothing new. Returns one
+    row per ensemble for the comparison (:func:`charlm.compare.comparison_table`)."""
+    from charlm import prepared
+    from charlm.candidates import SEED_ENSEMBLE, seed_ensemble
+    from charlm.tracking import log_checkpoint_model
+
+    by_task = {d.settings.task: d for d in data}
+    client = MlflowClient()
+    rows: list[dict[str, object]] = []
+    for members in seed_groups(results):
+        first = members[0]
+        ref = by_task[first.task]
+        device = "cuda" if first.device.startswith("cuda") else "cpu"
+        combined = seed_ensemble([r.checkpoints["best"] for r in members], prepared.load(ref.dir), device=device)
+        size = len(members)
+        tags = {
+            "charlm.architecture": first.architecture,
+            "charlm.kind": SEED_ENSEMBLE,
+            "charlm.members": size,
+            "charlm.seeds": ",".join(str(r.seed) for r in members),
+            "charlm.member_runs": ",".join(str(r.run_id) for r in members),
+            "charlm.val_loss": combined.val_loss,
+            "charlm.gen_chars_per_sec": round(combined.gen_chars_per_sec),
+            "charlm.task": first.task,
+            "charlm.vocab_size": first.vocab_size,
+            "charlm.corpus_sha256": ref.corpus.sha256,
+            "charlm.fingerprint": fingerprint(SEED_ENSEMBLE, sorted(r.fingerprint for r in members)),
+        }
+        name = f"{first.architecture}-seed-ensemble-{size}"
+        model_id = log_checkpoint_model(combined.members, name, run_id=parent_run_id, tags=tags, client=client)
+        client.log_metric(parent_run_id, f"{first.architecture}_seed_ensemble_val_loss", combined.val_loss)
+        rows.append(
+            {
+                **combined.as_dict(),
+                "model_id": model_id,
+                "architecture": first.architecture,
+                "task": first.task,
+                "seeds": [r.seed for r in members],
+                "member_runs": [r.run_id for r in members],
+                "member_best": [r.best_val_loss for r in members],
+                "parameters": sum(r.parameters for r in members),
+                "epochs": max(r.epochs for r in members),
+                "vocab_size": first.vocab_size,
+                "valid_chars": first.valid_chars,
+                "wall_time_s": sum(r.wall_time_s for r in members),
+                "run_id": parent_run_id,
+            }
+        )
+    return rows

@@ -54,10 +54,18 @@ class TrainJob(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (saving last.pt)")
     overwrite: bool = Field(False, description="replace another run's checkpoints in checkpoint_dir")
     log_epochs: bool = Field(False, description="one line per epoch on the charlm.progress logger")
+    label: str | None = Field(
+        None, description="the job's name where one architecture is trained more than once (its seed)"
+    )
 
     @property
     def architecture(self) -> str:
         return self.config.architecture
+
+    @property
+    def name(self) -> str:
+        """What the job's run, task and checkpoint directory are called: its label, else its architecture."""
+        return self.label or self.config.architecture
 
     def fingerprint(self) -> str:
         """What determines this job's result: corpus, preparation settings, configuration, code."""
@@ -103,6 +111,8 @@ class TrainResult(BaseModel):
 
     architecture: str
     history: list[dict[str, float]]
+    name: str = ""  # the job's (TrainJob.name): its architecture, or e.g. "stateful_lstm-seed1"
+    seed: int = 0
     best_val_loss: float
     best_epoch: int
     steps: int
@@ -247,6 +257,8 @@ def _result(job: TrainJob, fit: FitResult, trainer: Trainer, tracker: Any) -> Tr
     return TrainResult(
         architecture=job.architecture,
         history=fit.history,
+        name=job.name,
+        seed=job.config.seed,
         best_val_loss=fit.best_val_loss,
         best_epoch=fit.best_epoch,
         steps=fit.steps,

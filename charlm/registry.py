@@ -23,17 +23,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 DEFAULT_MODEL_NAME = "charlm"
-CANDIDATE_KINDS = ("best", "sgdr-snapshot", "ensemble", "weight_average")
+CANDIDATE_KINDS = ("best", "sgdr-snapshot", "ensemble", "weight_average", "seed_ensemble")
+ENSEMBLE_KINDS = ("ensemble", "seed_ensemble")  # served as several models: capped by max_ensemble
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A model of the run that may be promoted: a best checkpoint or an SGDR snapshot."""
+    """A model of the run that may be promoted: a best checkpoint, an SGDR snapshot, an ensemble or a
+    weight average of snapshots, or an ensemble of several seeds' best checkpoints (logged on the parent run)."""
 
     model_id: str  # MLflow logged model
     architecture: str
-    kind: str  # "best" or "sgdr-snapshot"
+    kind: str  # one of CANDIDATE_KINDS
     val_loss: float
     run_id: str
     cycle: int | None = None
@@ -58,9 +60,9 @@ class Decision:
 
 
 def candidates_of(experiment_id: str, run_ids: list[str], max_ensemble: int | None = None) -> list[Candidate]:
-    """Every logged model of the given child runs — best checkpoints, snapshots, ensembles and weight
-    averages — best first; ensembles of more than ``max_ensemble`` models left out (what a
-    deployment accepts to pay at inference)."""
+    """Every candidate model logged by the given runs — best checkpoints, snapshots, ensembles and
+    weight averages of the child runs, ensembles of seeds on the parent — best first; ensembles of
+    more than ``max_ensemble`` models left out (what a deployment accepts to pay at inference)."""
     models = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list")
     out = []
     for m in models:
@@ -81,7 +83,7 @@ def candidates_of(experiment_id: str, run_ids: list[str], max_ensemble: int | No
                 )
             )
     if max_ensemble is not None:
-        out = [c for c in out if c.kind != "ensemble" or c.members <= max_ensemble]
+        out = [c for c in out if c.kind not in ENSEMBLE_KINDS or c.members <= max_ensemble]
     return sorted(out, key=lambda c: c.val_loss)
 
 
@@ -291,7 +293,8 @@ def promote_run(
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
     )
-    candidates = candidates_of(parent.info.experiment_id, [c.info.run_id for c in children], max_ensemble)
+    runs = [parent_run_id] + [c.info.run_id for c in children]  # the parent holds the seeds' ensembles
+    candidates = candidates_of(parent.info.experiment_id, runs, max_ensemble)
     if not candidates:
         raise ValueError(f"run {parent_run_id}: no candidate models (best checkpoints or snapshots) were logged")
     champion = alias_version(client, model_name, CHAMPION)

@@ -49,7 +49,13 @@ class PipelineParams(BaseModel):
         "e.g. --set data.batch_size=32",
         flag="--set",
     )
-    concurrency: int = option(2, "architectures trained at once (the rest queue)", ge=1)
+    seeds: int = option(
+        1,
+        "independent trainings of each architecture (seeds S…S+N-1, S the config's seed); two or more also make "
+        "the ensemble of their best checkpoints, a promotion candidate of N models (see --max-ensemble)",
+        ge=1,
+    )
+    concurrency: int = option(2, "training tasks at once (the rest queue)", ge=1)
     experiment_name: str = option("charlm", "MLflow experiment", flag="--experiment")
     s3_endpoint_url: str | None = option(None, "S3-compatible endpoint, e.g. MinIO", env="CHARLM_S3_ENDPOINT_URL")
     promote_best: bool = option(True, "train and compare only: promote nothing", flag="--no-promote")
@@ -96,12 +102,18 @@ class PipelineParams(BaseModel):
         return self
 
     def run_configs(self) -> list[RunConfig]:
-        """One validated RunConfig per architecture."""
+        """One validated RunConfig per training task: per architecture, per seed."""
         configs = []
         for arch in self.architectures:
             config = preset(self.preset_name, arch).override({"progress": False})
-            configs.append(config.override({**self.overrides.get("*", {}), **self.overrides.get(arch, {})}))
+            config = config.override({**self.overrides.get("*", {}), **self.overrides.get(arch, {})})
+            configs += [config.override({"seed": config.seed + i}) for i in range(self.seeds)]
         return configs
+
+    def job_name(self, config: RunConfig) -> str | None:
+        """A task's name when an architecture is trained with several seeds (its child run, its
+        checkpoint directory): ``stateful_lstm-seed1``; None (its architecture) otherwise."""
+        return f"{config.architecture}-seed{config.seed}" if self.seeds > 1 else None
 
     def cpu_plan(self, cores: int) -> tuple[int, DistributedConfig | None, str | None]:
         """DDP ranks on a CPU host without oversubscribing it: ``(concurrency, distributed, note)``.
@@ -112,14 +124,15 @@ class PipelineParams(BaseModel):
         if dist is None or (uses_cuda(self.run_configs()[0].device) and dist.backend != "gloo"):
             return self.concurrency, dist, None
         ranks = dist.nproc_per_node or 1
-        at_once = min(self.concurrency, len(self.architectures))
+        tasks = len(self.architectures) * self.seeds
+        at_once = min(self.concurrency, tasks)
         concurrency = self.concurrency
         note = None
         if ranks * at_once > cores:
             concurrency = max(1, cores // ranks)
-            at_once = min(concurrency, len(self.architectures))
+            at_once = min(concurrency, tasks)
             note = (
-                f"{ranks} ranks × {min(self.concurrency, len(self.architectures))} tasks would oversubscribe "
+                f"{ranks} ranks × {min(self.concurrency, tasks)} tasks would oversubscribe "
                 f"{cores} cores: {concurrency} task(s) at a time"
             )
         if dist.threads_per_rank is None:

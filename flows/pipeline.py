@@ -35,7 +35,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from charlm import compare, prepared, registry, stopping
 from charlm.device import uses_cuda
 from charlm.distributed import DistributedConfig, GpuAllocator
-from charlm.experiment import close_orphaned_runs, end_run, owner_gone, start_parent_run, train_in_child_run
+from charlm.experiment import (
+    close_orphaned_runs,
+    end_run,
+    log_seed_ensembles,
+    owner_gone,
+    start_parent_run,
+    train_in_child_run,
+)
 from charlm.job import TrainJob, TrainResult, run_fingerprint
 from charlm.prepared import CorpusRef, PreparedRef, PrepSettings
 from charlm.storage import CorpusFetchError, fetch_corpus
@@ -79,7 +86,7 @@ def prepare(corpus: CorpusRef, settings: PrepSettings, root: str) -> PreparedRef
 
 
 def _train_run_name() -> str:
-    return f"train-{task_run.parameters['job'].architecture}"
+    return f"train-{task_run.parameters['job'].name}"
 
 
 @task(name="train", task_run_name=_train_run_name)
@@ -100,12 +107,12 @@ def train(
         "tags": {"prefect.flow_run_id": str(flow_run.get_id())},  # a later pipeline can tell if it died
     }
     if distributed is None:
-        return train_in_child_run(job, callbacks=[ProgressArtifact(job.architecture)], **run)
+        return train_in_child_run(job, callbacks=[ProgressArtifact(job.name)], **run)
     nodes = start_joining_nodes(distributed, node_deployment, gpus_per_task) if distributed.nnodes > 1 else []
     try:
         if gpus_per_task and distributed.backend != "gloo" and uses_cuda(job.config.device):
             with GpuAllocator().acquire(gpus_per_task) as devices:  # waits for a free, disjoint set
-                logger().info("%s: GPUs %s", job.architecture, devices)
+                logger().info("%s: GPUs %s", job.name, devices)
                 return train_in_child_run(job, devices=devices, **run)
         return train_in_child_run(job, **run)
     except BaseException:
@@ -113,13 +120,31 @@ def train(
         raise
 
 
+@task(name="ensemble-seeds")
+def ensemble_seeds(parent_run_id: str, results: list[TrainResult], data: list[PreparedRef]) -> list[dict[str, Any]]:
+    """Each architecture trained with several seeds: the ensemble of their best checkpoints,
+    evaluated and logged on the parent run as a promotion candidate."""
+    rows = log_seed_ensembles(parent_run_id, results, data)
+    for row in rows:
+        logger().info(
+            "%s: %s %.4f (seeds %s: %s)", row["architecture"], row["label"], row["val_loss"],
+            ", ".join(map(str, row["seeds"])), ", ".join(f"{v:.4f}" for v in row["member_best"]),
+        )  # fmt: skip
+    return rows
+
+
 @task(name="compare-architectures")
 def compare_architectures(
-    results: list[TrainResult], parent_run_id: str, output_dir: str, primary_task: str, title: str
+    results: list[TrainResult],
+    parent_run_id: str,
+    output_dir: str,
+    primary_task: str,
+    title: str,
+    seed_ensembles: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The table, ranked within each task (Prefect artifact, CSV, the parent run's description),
     and the validation curves against epochs and against wall-clock time, on the parent run."""
-    table = compare.comparison_table(results, primary_task)
+    table = compare.comparison_table(results, primary_task, seed_ensembles or [])
     out = Path(output_dir)
     csv_path, png_path, time_path = out / "comparison.csv", out / "val_loss_curves.png", out / "val_loss_vs_time.png"
     compare.rounded(table).to_csv(csv_path, index=False)
@@ -235,18 +260,20 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
     try:
         client.log_param(parent_id, "architectures", ",".join(params.architectures))
         client.log_param(parent_id, "preset", params.preset_name)
+        client.log_param(parent_id, "seeds", str(params.seeds))
         jobs = [
             TrainJob(
                 config=c,
                 data=data[PrepSettings.of(c)],
-                checkpoint_dir=str(output_dir / c.architecture),
+                checkpoint_dir=str(output_dir / (params.job_name(c) or c.architecture)),
                 log_epochs=True,
+                label=params.job_name(c),
             )
             for c in configs
         ]
 
         def submit(index: int, job: TrainJob) -> Any:
-            job_dist = distributed.for_job(job.architecture, index) if distributed else None
+            job_dist = distributed.for_job(job.name, index) if distributed else None
             with gpu_request(params.gpus_per_task):
                 return train.submit(
                     job, experiment_id, parent_id, job_dist, params.gpus_per_task, params.node_deployment
@@ -254,11 +281,12 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
 
         results, failures = run_queued(jobs, submit, params.concurrency)
         if failures:
-            raise RuntimeError(f"{len(failures)} architecture(s) failed: " + "; ".join(failures))
+            raise RuntimeError(f"{len(failures)} training task(s) failed: " + "; ".join(failures))
+        ensembles = ensemble_seeds(parent_id, results, list(data.values())) if params.seeds > 1 else []
         champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
         primary = compare.primary_task(results, champion.tags.get("charlm.task") if champion else None)
-        title = f"{corpus.uri}, preset {params.preset_name}"
-        table = compare_architectures(results, parent_id, str(output_dir), primary, title)
+        title = f"{corpus.uri}, preset {params.preset_name}" + (f", {params.seeds} seeds" if params.seeds > 1 else "")
+        table = compare_architectures(results, parent_id, str(output_dir), primary, title, ensembles)
         promotion = (
             promote(parent_id, params.model_name, params.promotion_margin, corpus, params.max_ensemble)
             if params.promote_best
@@ -280,6 +308,7 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
         "best": table[0],
         "primary_task": primary,
         "table": table,
+        "seed_ensembles": ensembles,
         "results": [r.model_dump(exclude={"history"}) for r in results],
         "output_dir": str(output_dir),
         "prepared": {d.key: d.model_dump() for d in data.values()},

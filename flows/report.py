@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
@@ -60,6 +61,11 @@ def runs_page(tracking_uri: str, experiment_id: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}   then open http://127.0.0.1:5000/{page}"
 
 
+def _count(value: float) -> str:
+    """A rate for the table, or a dash where it does not apply (an ensemble of seeds trains as its members)."""
+    return f"{value:,.0f}" if math.isfinite(value) else "—"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The lines a finished run prints: the table ranked within each task, the best, where to look,
     the registry's decision."""
@@ -75,7 +81,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines += [f"task: {task} (vocabulary {row['vocab_size']}, {row['valid_chars']:,} validation chars)", header]
         lines.append(
             f"{row['rank']:>4} {row['architecture']:<18} {row.get('candidate', ''):<40} {row['best_val_loss']:>9.4f} "
-            f"{row['best_val_bpc']:>8.4f} {row['parameters']:>9,} {row['epochs']:>6} {row['chars_per_sec']:>9,.0f} "
+            f"{row['best_val_bpc']:>8.4f} {row['parameters']:>9,} {row['epochs']:>6} {_count(row['chars_per_sec']):>9} "
             f"{row.get('gen_chars_per_sec', 0):>8,.0f}"
         )
     best = summary["best"]

@@ -86,6 +86,42 @@ def test_ensembles_and_averages_get_rows_of_their_own():
     assert list(lower["parameters"]) == [2000, 1000, 1000, 1000]  # an ensemble holds both members
 
 
+def test_seeds_and_their_ensemble_get_rows_of_their_own():
+    seeds = [
+        RESULTS[2].model_copy(update={"name": f"lstm-seed{i}", "seed": i, "best_val_loss": loss, "run_id": f"r{i}"})
+        for i, loss in ((0, 1.25), (1, 1.27))
+    ]
+    ensemble = {
+        "kind": "seed_ensemble",
+        "label": "ensemble of 2 seeds' best",
+        "members": ["r0/best.pt", "r1/best.pt"],
+        "architecture": "lstm",
+        "task": LOWER,
+        "val_loss": 1.23,
+        "val_bpc": 1.77,
+        "parameters": 2000,
+        "epochs": 2,
+        "vocab_size": 58,
+        "valid_chars": 120_179,
+        "gen_chars_per_sec": 400.0,
+        "wall_time_s": 24.7,
+        "run_id": "parent",
+    }
+    gru = RESULTS[1].model_copy(update={"run_id": "g"})
+    table = compare.comparison_table([gru, *seeds], seed_ensembles=[ensemble])
+    assert list(zip(table["candidate"], table["rank"], table["run_id"])) == [
+        ("ensemble of 2 seeds' best", 1, "parent"),
+        ("best checkpoint, seed 0", 2, "r0"),
+        ("best checkpoint, seed 1", 3, "r1"),
+        ("best checkpoint", 4, "g"),
+    ]
+    assert table["parameters"].tolist()[0] == 2000 and table["target_reached"].tolist()[0] == ""
+    text = compare.markdown(table)
+    assert (
+        "| 1 | lstm | ensemble of 2 seeds' best | 1.23 | 1.77 | 2,000 | 2 | — |" in text
+    )  # no training speed of its own
+
+
 def test_the_plot_is_written(tmp_path):
     path = compare.plot_validation_curves(RESULTS, tmp_path / "curves.png", "s3://corpora/x.txt, preset tiny")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

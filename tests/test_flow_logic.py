@@ -32,6 +32,28 @@ def test_parameters_build_one_validated_config_per_architecture():
     assert not char3.progress  # no progress bars inside tasks
 
 
+def test_seeds_make_one_task_per_architecture_and_seed_each_with_its_own_name():
+    params = PipelineParams(
+        architectures=["char3", "stateful_gru"], preset_name="tiny", seeds=2, overrides={"stateful_gru": {"seed": 7}}
+    )
+    configs = params.run_configs()
+    assert [(c.architecture, c.seed) for c in configs] == [
+        ("char3", 0),
+        ("char3", 1),
+        ("stateful_gru", 7),  # from the architecture's own seed on
+        ("stateful_gru", 8),
+    ]
+    assert [params.job_name(c) for c in configs] == [
+        "char3-seed0",
+        "char3-seed1",
+        "stateful_gru-seed7",
+        "stateful_gru-seed8",
+    ]
+    assert PipelineParams(preset_name="tiny").job_name(configs[0]) is None  # one seed: the architecture's name
+    cpu = PipelineParams(architectures=["char3"], seeds=4, distributed=DistributedConfig(nproc_per_node=2))
+    assert cpu.cpu_plan(cores=4)[:1] == (2,)  # four tasks of two ranks on four cores: two at a time
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -40,6 +62,7 @@ def test_parameters_build_one_validated_config_per_architecture():
         ({"overrides": {"stateful_gru": {"seed": 1}}, "architectures": ["char3"]}, "not requested"),
         ({"overrides": ["model.no_such_field=3"]}, "no such config field 'no_such_field'"),
         ({"concurrency": 0}, "greater than or equal to 1"),
+        ({"seeds": 0}, "greater than or equal to 1"),
         ({"distributed": {"nnodes": 2}}, "fixed host:port"),
     ],
 )

@@ -447,7 +447,7 @@ def test_a_ddp_worker_error_fails_its_task_with_that_error_and_the_run_is_marked
     monkeypatch.setenv("CHARLM_FAULT_INJECT", "rank=1,step=5,mode=raise")
     with pytest.raises(
         RuntimeError,
-        match=r"(?s)1 architecture\(s\) failed: DistributedJobError: ChildFailedError.*"
+        match=r"(?s)1 training task\(s\) failed: DistributedJobError: ChildFailedError.*"
         r"RuntimeError: \[charlm fault injection\] rank 1 raised at step 5",
     ):
         run_flow(
@@ -460,7 +460,7 @@ def test_a_ddp_worker_error_fails_its_task_with_that_error_and_the_run_is_marked
     (child,) = [r for r in _runs_in(stack, "e2e-ddp-failure") if r.data.tags.get("charlm.architecture") == "seq_rnn"]
     assert child.info.status == "FAILED" and "rank 1 raised at step 5" in child.data.tags["charlm.error"]
     (parent,) = [r for r in _runs_in(stack, "e2e-ddp-failure") if r.data.tags.get("charlm.kind") == "pipeline"]
-    assert parent.info.status == "FAILED" and "1 architecture(s) failed" in parent.data.tags["charlm.error"]
+    assert parent.info.status == "FAILED" and "1 training task(s) failed" in parent.data.tags["charlm.error"]
 
 
 def test_a_multinode_job_whose_nodes_never_come_fails_and_cancels_their_runs(stack):
@@ -474,7 +474,7 @@ def test_a_multinode_job_whose_nodes_never_come_fails_and_cancels_their_runs(sta
 
     deploy_node_flow("no-workers", "unserved")
     dist = DistributedConfig(nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", join_timeout=15)
-    with pytest.raises(RuntimeError, match=r"1 architecture\(s\) failed: .*Timeout"):
+    with pytest.raises(RuntimeError, match=r"1 training task\(s\) failed: .*Timeout"):
         run_flow(
             stack,
             architectures=["char3"],
@@ -703,3 +703,28 @@ def test_cancelling_a_flow_run_in_prefect_stops_its_training(stack, tmp_path):
         assert {r.info.status for r in runs} == {"KILLED"}, [(r.info.status, r.data.tags) for r in runs]
     finally:
         stop_process(worker)
+
+
+def test_seeds_train_as_tasks_of_their_own_and_their_ensemble_is_a_candidate(stack):
+    run = run_flow(stack, architectures=["stateful_gru"], seeds=2, experiment_name="seeds", model_name="charlm-seeds")
+    client = MlflowClient(stack["tracking"])
+    children = client.search_runs(
+        [run["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{run['parent_run_id']}'"
+    )
+    assert sorted((c.info.run_name, c.data.tags["charlm.seed"]) for c in children) == [
+        ("stateful_gru-seed0", "0"),
+        ("stateful_gru-seed1", "1"),
+    ]
+    best = sorted(Path(r["checkpoints"]["best"]).parent.name for r in run["results"])
+    assert best == ["stateful_gru-seed0", "stateful_gru-seed1"]  # a directory each
+    (ensemble,) = run["seed_ensembles"]
+    assert ensemble["members"] == [r["checkpoints"]["best"] for r in sorted(run["results"], key=lambda r: r["seed"])]
+    rows = {r["candidate"]: r for r in run["table"]}
+    assert {"best checkpoint, seed 0", "best checkpoint, seed 1", "ensemble of 2 seeds' best"} <= set(rows)
+    assert rows["ensemble of 2 seeds' best"]["best_val_loss"] == pytest.approx(ensemble["val_loss"])
+    parent = client.get_run(run["parent_run_id"])
+    assert parent.data.params["seeds"] == "2"
+    assert parent.data.metrics["stateful_gru_seed_ensemble_val_loss"] == pytest.approx(ensemble["val_loss"])
+    assert "ensemble of 2 seeds' best" in parent.data.tags["mlflow.note.content"]
+    promoted = run["promotion"]["candidate"]  # the best of every candidate, the seeds' ensemble among them
+    assert promoted["val_loss"] <= min(r["best_val_loss"] for r in run["table"]) + 1e-9

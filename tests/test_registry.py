@@ -267,3 +267,53 @@ def test_mlflow_models_serve_refuses_bad_requests_answers_good_ones_and_stops_on
             os.killpg(proc.pid, 9)
             proc.wait()
         log.close()
+
+
+def test_the_ensemble_of_an_architectures_seeds_is_logged_on_the_parent_and_competes_for_promotion(server, tmp_path):
+    """Two seeds of one architecture in child runs, their best checkpoints' ensemble on the parent run:
+    evaluated (never worse than its members on average), a candidate of the promotion gate, left out
+    when the gate accepts no ensemble of that size, and registered once only."""
+    from charlm.experiment import end_run, log_seed_ensembles, start_parent_run, train_in_child_run
+    from charlm.job import TrainJob
+    from charlm.prepared import prepare
+
+    corpus_file = tmp_path / "corpus.txt"
+    corpus_file.write_text(generated_text(3000, seed=3))
+    configs = [tiny("stateful_gru").override({"seed": seed}) for seed in (0, 1)]
+    data = prepare(str(corpus_file), configs[0], root=tmp_path / "home")
+    experiment_id, parent = start_parent_run("seeds-test", "pipeline-seeds", data.corpus, {})
+    results = [
+        train_in_child_run(
+            TrainJob(config=c, data=data, checkpoint_dir=str(tmp_path / f"seed{c.seed}"), label=f"gru-seed{c.seed}"),
+            experiment_id=experiment_id,
+            parent_run_id=parent,
+        )
+        for c in configs
+    ]
+    client = MlflowClient(server["url"])
+    assert [client.get_run(r.run_id).info.run_name for r in results] == ["gru-seed0", "gru-seed1"]
+    (row,) = log_seed_ensembles(parent, results, [data])
+    assert row["kind"] == "seed_ensemble" and row["seeds"] == [0, 1] and row["run_id"] == parent
+    assert row["val_loss"] <= sum(r.best_val_loss for r in results) / 2 + 1e-4  # the mean of distributions
+    (model,) = mlflow.search_logged_models(
+        experiment_ids=[experiment_id], output_format="list", filter_string="tags.`charlm.kind` = 'seed_ensemble'"
+    )
+    assert model.source_run_id == parent and model.tags["charlm.members"] == "2"
+    assert model.tags["charlm.member_runs"] == ",".join(r.run_id for r in results)
+    assert float(model.tags["charlm.val_loss"]) == pytest.approx(row["val_loss"])
+    served = mlflow.pyfunc.load_model(f"models:/{model.model_id}")  # served as one model
+    assert len(served.predict([{"prime": "the ", "length": 12, "seed": 0}])[0]) == 12
+    end_run(parent)
+
+    name = f"{NAME}-seeds"
+    kinds = {c.kind for c in registry.candidates_of(experiment_id, [parent] + [r.run_id for r in results])}
+    assert kinds == {"best", "sgdr-snapshot", "ensemble", "weight_average", "seed_ensemble"}
+    no_ensembles = registry.promote_run(parent, model_name=f"{name}-single", max_ensemble=1)
+    assert no_ensembles.candidate["kind"] in ("best", "sgdr-snapshot", "weight_average")
+    decision = registry.promote_run(parent, model_name=name)
+    best = min(registry.candidates_of(experiment_id, [parent] + [r.run_id for r in results]), key=lambda c: c.val_loss)
+    assert decision.candidate["model_id"] == best.model_id and decision.promoted
+    if best.kind == "seed_ensemble":
+        assert client.get_model_version(name, decision.version).tags["charlm.members"] == "2"
+    again = registry.promote_run(parent, model_name=name)
+    assert not again.registered and again.version == decision.version  # a retried promotion registers nothing new
