@@ -247,8 +247,10 @@ def log_seed_ensembles(
             "charlm.fingerprint": fingerprint(SEED_ENSEMBLE, sorted(r.fingerprint for r in members)),
         }
         name = f"{first.architecture}-seed-ensemble-{size}"
-        model_id = log_checkpoint_model(combined.members, name, run_id=parent_run_id, tags=tags, client=client)
-        client.log_metric(parent_run_id, f"{first.architecture}_seed_ensemble_val_loss", combined.val_loss)
+        metrics = {f"{first.architecture}_seed_ensemble_val_loss": combined.val_loss}  # the parent's, and the model's
+        model_id = log_checkpoint_model(
+            combined.members, name, run_id=parent_run_id, tags=tags, client=client, metrics=metrics
+        )
         rows.append(
             {
                 **combined.as_dict(),

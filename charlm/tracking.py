@@ -123,11 +123,13 @@ def log_checkpoint_model(
     step: int = 0,
     tags: dict[str, Any] | None = None,
     client: MlflowClient | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> str:
     """Log a checkpoint as an MLflow 3 logged model of run ``run_id`` (a pyfunc, as code), linked to
-    the run's metrics at ``step``; returns its model id. The run stays as it is (no active run is
-    opened, so none is ended). Several checkpoints make an ensemble (the mean of their
-    probabilities), served like one model."""
+    the run's metrics at ``step`` — or, given ``metrics``, to these alone (logged to the run at
+    ``step``): a model the epoch's metrics do not describe, such as an ensemble. Returns its model
+    id. The run stays as it is (no active run is opened, so none is ended). Several checkpoints
+    make an ensemble (the mean of their probabilities), served like one model."""
     client = client or MlflowClient()
     paths = [checkpoint] if isinstance(checkpoint, str | os.PathLike) else list(checkpoint)
     artifacts = (
@@ -151,12 +153,16 @@ def log_checkpoint_model(
     # What log_model(step=…) does for an active run: the run names the model as an output, and the
     # run's metrics at that step are the model's too.
     client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step=step)])
-    at_step = [
-        Metric(m.key, m.value, m.timestamp, m.step, run_id=run_id, model_id=model.model_id)
-        for key in run.data.metrics
-        for m in client.get_metric_history(run_id, key)
-        if m.step == step and m.model_id is None
-    ]
+    if metrics is not None:
+        now = _now_ms()
+        at_step = [Metric(k, float(v), now, step, run_id=run_id, model_id=model.model_id) for k, v in metrics.items()]
+    else:
+        at_step = [
+            Metric(m.key, m.value, m.timestamp, m.step, run_id=run_id, model_id=model.model_id)
+            for key in run.data.metrics
+            for m in client.get_metric_history(run_id, key)
+            if m.step == step and m.model_id is None
+        ]
     if at_step:
         client.log_batch(run_id, metrics=at_step)
     return str(model.model_id)
@@ -299,9 +305,9 @@ class MLflowTracker(Callback):
             }
             files = combined.checkpoint or combined.members
             name = f"{combined.kind.replace('_', '-')}-last-{size}"
-            model_id = self._log_model(trainer, files, name, int(step), tags)
+            metrics = {f"{combined.kind}_{size}_val_loss": combined.val_loss}  # its own, not the last epoch's
+            model_id = self._log_model(trainer, files, name, int(step), tags, metrics)
             self.candidates.append({**combined.as_dict(), "model_id": model_id})
-            self.client.log_metric(self.run_id, f"{combined.kind}_{size}_val_loss", combined.val_loss, step=int(step))
 
     def _log_model(
         self,
@@ -310,11 +316,12 @@ class MLflowTracker(Callback):
         kind: str,
         step: int,
         tags: dict[str, Any],
+        metrics: dict[str, float] | None = None,
     ) -> str:
         arch = trainer.config.architecture
         tags = {"charlm.architecture": arch, **self.model_tags, **tags}
         return log_checkpoint_model(
-            path, f"{arch}-{kind}", run_id=self.run_id, step=step, tags=tags, client=self.client
+            path, f"{arch}-{kind}", run_id=self.run_id, step=step, tags=tags, client=self.client, metrics=metrics
         )
 
 

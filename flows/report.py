@@ -70,8 +70,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The lines a finished run prints: the table ranked within each task, the best, where to look,
     the registry's decision."""
     lines = ["", "charlm pipeline finished", ""]
+    width = max([40] + [len(row.get("candidate", "")) for row in summary["table"]])  # "…, seed 1" may be longer
     header = (
-        f"{'rank':>4} {'architecture':<18} {'candidate':<40} {'val_loss':>9} {'val_bpc':>8} {'params':>9} "
+        f"{'rank':>4} {'architecture':<18} {'candidate':<{width}} {'val_loss':>9} {'val_bpc':>8} {'params':>9} "
         f"{'epochs':>6} {'train c/s':>9} {'gen c/s':>8}"
     )
     task = None
@@ -80,9 +81,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             task = row["task"]
             lines += [f"task: {task} (vocabulary {row['vocab_size']}, {row['valid_chars']:,} validation chars)", header]
         lines.append(
-            f"{row['rank']:>4} {row['architecture']:<18} {row.get('candidate', ''):<40} {row['best_val_loss']:>9.4f} "
-            f"{row['best_val_bpc']:>8.4f} {row['parameters']:>9,} {row['epochs']:>6} {_count(row['chars_per_sec']):>9} "
-            f"{row.get('gen_chars_per_sec', 0):>8,.0f}"
+            f"{row['rank']:>4} {row['architecture']:<18} {row.get('candidate', ''):<{width}} "
+            f"{row['best_val_loss']:>9.4f} {row['best_val_bpc']:>8.4f} {row['parameters']:>9,} {row['epochs']:>6} "
+            f"{_count(row['chars_per_sec']):>9} {row.get('gen_chars_per_sec', 0):>8,.0f}"
         )
     best = summary["best"]
     lines += [

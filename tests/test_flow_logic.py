@@ -3,6 +3,7 @@ training queue, the summary, and the tasks' bodies (``task.fn()``)."""
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import pytest
@@ -202,6 +203,29 @@ def test_the_summary_names_the_best_where_to_look_and_the_decision():
     assert "MLflow runs: http://mlflow:5000/#/experiments/1/runs?workflowType=machine_learning" in format_summary(
         summary
     )
+
+
+def test_the_summary_keeps_its_columns_with_seeds_and_their_ensemble():
+    task = "lowercased, min_freq 3, last 20% validation"
+    common = {"architecture": "stateful_gru", "task": task, "vocab_size": 58, "valid_chars": 120_179, "epochs": 3}
+    common |= {"parameters": 6_410, "best_val_bpc": 2.6, "gen_chars_per_sec": 900.0}
+    rows = [
+        common
+        | {"rank": 1, "candidate": "ensemble of 2 seeds' best", "best_val_loss": 1.7674, "chars_per_sec": math.nan},
+        common | {"rank": 2, "candidate": "weight average of the last 2 snapshots, seed 1", "best_val_loss": 1.8282},
+    ]
+    rows[1]["chars_per_sec"] = 17_847.0
+    summary = {
+        "tracking_uri": "sqlite:///mlflow.db",
+        "table": rows,
+        "best": rows[0],
+        "experiment_id": "1",
+        "parent_run_id": "abc",
+        "output_dir": "x",
+    }
+    lines = [line for line in format_summary(summary).splitlines() if line.startswith(("rank", "   "))]
+    assert len(lines) == 3 and len({len(line) for line in lines}) == 1  # one width: the columns line up
+    assert lines[1].split()[-2:] == ["—", "900"]  # an ensemble of seeds has no training speed of its own
 
 
 # --------------------------------------------------------------------------- task bodies

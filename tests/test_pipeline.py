@@ -706,25 +706,41 @@ def test_cancelling_a_flow_run_in_prefect_stops_its_training(stack, tmp_path):
 
 
 def test_seeds_train_as_tasks_of_their_own_and_their_ensemble_is_a_candidate(stack):
-    run = run_flow(stack, architectures=["stateful_gru"], seeds=2, experiment_name="seeds", model_name="charlm-seeds")
+    run = run_flow(
+        stack, architectures=["char3", "stateful_gru"], seeds=2, experiment_name="seeds", model_name="charlm-seeds"
+    )
     client = MlflowClient(stack["tracking"])
     children = client.search_runs(
         [run["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{run['parent_run_id']}'"
     )
-    assert sorted((c.info.run_name, c.data.tags["charlm.seed"]) for c in children) == [
-        ("stateful_gru-seed0", "0"),
-        ("stateful_gru-seed1", "1"),
-    ]
-    best = sorted(Path(r["checkpoints"]["best"]).parent.name for r in run["results"])
-    assert best == ["stateful_gru-seed0", "stateful_gru-seed1"]  # a directory each
-    (ensemble,) = run["seed_ensembles"]
-    assert ensemble["members"] == [r["checkpoints"]["best"] for r in sorted(run["results"], key=lambda r: r["seed"])]
-    rows = {r["candidate"]: r for r in run["table"]}
-    assert {"best checkpoint, seed 0", "best checkpoint, seed 1", "ensemble of 2 seeds' best"} <= set(rows)
-    assert rows["ensemble of 2 seeds' best"]["best_val_loss"] == pytest.approx(ensemble["val_loss"])
+    names = ["char3-seed0", "char3-seed1", "stateful_gru-seed0", "stateful_gru-seed1"]
+    assert sorted(c.info.run_name for c in children) == names
+    assert sorted(c.data.tags["charlm.seed"] for c in children) == ["0", "0", "1", "1"]
+    assert sorted(Path(r["checkpoints"]["best"]).parent.name for r in run["results"]) == names  # a directory each
+    ensembles = {e["architecture"]: e for e in run["seed_ensembles"]}
+    assert sorted(ensembles) == ["char3", "stateful_gru"]
+    gru = ensembles["stateful_gru"]
+    seeds = sorted((r for r in run["results"] if r["architecture"] == "stateful_gru"), key=lambda r: r["seed"])
+    assert gru["members"] == [r["checkpoints"]["best"] for r in seeds]
+    rows = {(r["architecture"], r["candidate"]): r for r in run["table"]}
+    for arch, ensemble in ensembles.items():
+        assert {(arch, "best checkpoint, seed 0"), (arch, "best checkpoint, seed 1")} <= set(rows)
+        assert rows[arch, "ensemble of 2 seeds' best"]["best_val_loss"] == pytest.approx(ensemble["val_loss"])
     parent = client.get_run(run["parent_run_id"])
     assert parent.data.params["seeds"] == "2"
-    assert parent.data.metrics["stateful_gru_seed_ensemble_val_loss"] == pytest.approx(ensemble["val_loss"])
+    assert parent.data.metrics["stateful_gru_seed_ensemble_val_loss"] == pytest.approx(gru["val_loss"])
     assert "ensemble of 2 seeds' best" in parent.data.tags["mlflow.note.content"]
+    import mlflow
+
+    mlflow.set_tracking_uri(stack["tracking"])
+    for arch, ensemble in ensembles.items():  # each model of the parent shows its own loss, not another's
+        model = mlflow.get_logged_model(ensemble["model_id"])
+        assert model.source_run_id == run["parent_run_id"] and model.tags["charlm.kind"] == "seed_ensemble"
+        assert [(m.key, m.value) for m in model.metrics] == [(f"{arch}_seed_ensemble_val_loss", ensemble["val_loss"])]
+    for result in run["results"]:  # and so does each run's ensemble and average of its snapshots, not the last epoch's
+        for candidate in result["candidates"]:
+            model = mlflow.get_logged_model(candidate["model_id"])
+            own = f"{candidate['kind']}_{len(candidate['members'])}_val_loss"
+            assert [(m.key, m.value) for m in model.metrics] == [(own, pytest.approx(candidate["val_loss"]))]
     promoted = run["promotion"]["candidate"]  # the best of every candidate, the seeds' ensemble among them
     assert promoted["val_loss"] <= min(r["best_val_loss"] for r in run["table"]) + 1e-9
