@@ -90,19 +90,28 @@ def snapshot_candidates(
                 loaded = LoadedModel.from_checkpoint(checkpoint, device=device)
             else:
                 loaded = LoadedModel.from_checkpoints(members, combine=combine, device=device)
-            metrics = validation_metrics(loaded, corpus)
-            out.append(
-                Combined(
-                    kind=kind,
-                    members=[str(p) for p in members],
-                    checkpoint=checkpoint,
-                    val_loss=metrics["val_loss"],
-                    val_bpc=metrics["val_bpc"],
-                    val_accuracy=metrics["val_accuracy"],
-                    gen_chars_per_sec=generation_speed(loaded),
-                )
-            )
+            out.append(_evaluated(kind, members, checkpoint, loaded, corpus))
     return out
+
+
+def _evaluated(
+    kind: str,
+    members: Sequence[Path],
+    checkpoint: str | None,
+    loaded: LoadedModel,
+    corpus: PreparedCorpus,
+) -> Combined:
+    """``loaded`` (the combination of ``members``) measured on ``corpus``'s validation split."""
+    metrics = validation_metrics(loaded, corpus)
+    return Combined(
+        kind=kind,
+        members=[str(p) for p in members],
+        checkpoint=checkpoint,
+        val_loss=metrics["val_loss"],
+        val_bpc=metrics["val_bpc"],
+        val_accuracy=metrics["val_accuracy"],
+        gen_chars_per_sec=generation_speed(loaded),
+    )
 
 
 def seed_ensemble(
@@ -115,13 +124,4 @@ def seed_ensemble(
     if len(paths) < 2:
         raise ValueError(f"an ensemble of seeds needs two best checkpoints or more, got {len(paths)}")
     loaded = LoadedModel.from_checkpoints(paths, combine="ensemble", device=device)
-    metrics = validation_metrics(loaded, corpus)
-    return Combined(
-        kind=SEED_ENSEMBLE,
-        members=[str(p) for p in paths],
-        checkpoint=None,
-        val_loss=metrics["val_loss"],
-        val_bpc=metrics["val_bpc"],
-        val_accuracy=metrics["val_accuracy"],
-        gen_chars_per_sec=generation_speed(loaded),
-    )
+    return _evaluated(SEED_ENSEMBLE, paths, None, loaded, corpus)
