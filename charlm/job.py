@@ -230,7 +230,7 @@ def run_job(job: TrainJob, dist: DistInfo | None = None, *, callbacks: Sequence[
         tracker = MLflowTracker.for_job(job.tracking.tracking_uri, job.tracking.run_id, dist, job.model_tags())
         hooks.append(tracker)
     if job.log_epochs and dist.is_main:
-        hooks.append(EpochLogger())
+        hooks.append(EpochLogger(job.name))
     hooks += faults.from_env(dist)
     trainer = Trainer(
         job.config,

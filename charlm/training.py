@@ -174,8 +174,9 @@ class EpochLogger(Callback):
     """One line per epoch on the ``charlm.progress`` logger: the console of a long run (the
     pipeline routes it to Prefect's logs) — epoch, losses, speed and the time left."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
         self.log = logging.getLogger("charlm.progress")
+        self.name = name  # what each line starts with: the job's name (`stateful_lstm-seed1`), else the architecture
         self._started = 0.0
         self._first_epoch = 0
 
@@ -183,7 +184,7 @@ class EpochLogger(Callback):
         self._started, self._first_epoch = time.perf_counter(), trainer.epoch
         self.log.info(
             "%s: %s parameters on %s (%s), %d epochs%s",
-            trainer.config.architecture,
+            self.name or trainer.config.architecture,
             f"{trainer.parameters:,}",
             trainer.device,
             trainer.precision_note,
@@ -197,7 +198,7 @@ class EpochLogger(Callback):
         left = (time.perf_counter() - self._started) / max(done, 1) * (total - epoch - 1)
         self.log.info(
             "%s: epoch %d/%d  train %.4f  val %.4f (%.3f bits/char)  %s chars/s  ETA %s",
-            trainer.config.architecture,
+            self.name or trainer.config.architecture,
             epoch + 1,
             total,
             metrics["train_loss"],

@@ -229,3 +229,23 @@ def test_a_long_epoch_is_checkpointed_every_few_minutes(small_text, tmp_path):
     written.clear()
     Trainer(quiet, prepare_for(quiet, small_text), callbacks=[Recorder()], checkpoint_dir=tmp_path / "q").fit()
     assert [w for w in written if w[0] == "last" and w[2] > 0] == []  # off: epoch ends only
+
+
+def test_the_epoch_lines_name_the_job_so_two_seeds_can_be_told_apart(corpus_file, tmp_path, caplog):
+    """``--seeds 2`` runs two jobs of one architecture side by side: each epoch line starts with the
+    job's name (its seed), not the architecture both share."""
+    from charlm import prepared
+    from charlm.job import TrainJob, run_job
+
+    config = tiny("stateful_gru").override({"seed": 1})
+    data = prepared.prepare(str(corpus_file), config, tmp_path / "store")
+    with caplog.at_level("INFO", logger="charlm.progress"):
+        run_job(TrainJob(config=config, data=data, log_epochs=True, label="stateful_gru-seed1"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "charlm.progress"]
+    assert len(lines) == 1 + config.epochs, lines  # the opening line and one an epoch
+    assert all(line.startswith("stateful_gru-seed1: ") for line in lines), lines
+    assert lines[-1].startswith(f"stateful_gru-seed1: epoch {config.epochs}/{config.epochs} ")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="charlm.progress"):
+        run_job(TrainJob(config=config, data=data, log_epochs=True))  # no label: the architecture
+    assert all(r.getMessage().startswith("stateful_gru: ") for r in caplog.records if r.name == "charlm.progress")
