@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
+from charlm import prepared
 from charlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from charlm.config import Phase, RunConfig, notebook, tiny
+from charlm.job import TrainJob, run_job
 from charlm.models import ARCHITECTURES, build_model
 from charlm.prepared import prepare_for
 from charlm.schedule import Schedule
@@ -234,9 +236,6 @@ def test_a_long_epoch_is_checkpointed_every_few_minutes(small_text, tmp_path):
 def test_the_epoch_lines_name_the_job_so_two_seeds_can_be_told_apart(corpus_file, tmp_path, caplog):
     """``--seeds 2`` runs two jobs of one architecture side by side: each epoch line starts with the
     job's name (its seed), not the architecture both share."""
-    from charlm import prepared
-    from charlm.job import TrainJob, run_job
-
     config = tiny("stateful_gru").override({"seed": 1})
     data = prepared.prepare(str(corpus_file), config, tmp_path / "store")
     with caplog.at_level("INFO", logger="charlm.progress"):
@@ -248,4 +247,6 @@ def test_the_epoch_lines_name_the_job_so_two_seeds_can_be_told_apart(corpus_file
     caplog.clear()
     with caplog.at_level("INFO", logger="charlm.progress"):
         run_job(TrainJob(config=config, data=data, log_epochs=True))  # no label: the architecture
-    assert all(r.getMessage().startswith("stateful_gru: ") for r in caplog.records if r.name == "charlm.progress")
+    unlabelled = [r.getMessage() for r in caplog.records if r.name == "charlm.progress"]
+    assert len(unlabelled) == 1 + config.epochs, unlabelled
+    assert all(line.startswith("stateful_gru: ") for line in unlabelled), unlabelled
