@@ -105,7 +105,7 @@ class _EpochPrinter:
             def on_fit_start(self, trainer: Trainer) -> None:
                 print(
                     f"{trainer.config.architecture}: {trainer.parameters:,} parameters, {trainer.device}, "
-                    f"{trainer.precision_note}, {trainer.schedule.total_epochs} epochs",
+                    f"{trainer.precision_note}, {trainer.schedule.total_epochs} epochs{trainer.distill_note}",
                     flush=True,
                 )
                 print(
@@ -139,7 +139,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         from charlm.checkpoint import load_checkpoint
         from charlm.config import RunConfig
 
-        clash = [f for f, v in (("--arch", args.arch), ("--preset", args.preset), ("--set", args.set)) if v]
+        given = (("--arch", args.arch), ("--preset", args.preset), ("--set", args.set), ("--teacher", args.teacher))
+        clash = [f for f, v in given if v]
         clash += ["--seed"] if args.seed is not None else []
         if clash:
             raise CliError(
@@ -154,6 +155,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             config = config.override({"precision": args.precision})
     else:
         config = _config_from_args(args)
+        if args.teacher:
+            config = config.override({"distill": {"teachers": args.teacher, "weight": args.distill_weight}})
     job = TrainJob(
         config=config,
         data=prepared.prepare(corpus, config),
@@ -339,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "fp32", "bf16", "fp16"],
         help="autocast: auto = bf16 on a CPU with AVX512-BF16/AMX where the model's step measures faster in "
         "it, else fp32 (on a GPU too: faster there for these models); bf16 or fp16 asks for it (default: auto)",
+    )
+    p.add_argument(
+        "--teacher",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="distil: train toward these checkpoints' mean prediction (stateful models on this corpus's "
+        "vocabulary, e.g. two seeds' best.pt)",
+    )
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.9,
+        help="with --teacher: the teachers' share of the target, the rest the next character (default: %(default)s)",
     )
     p.add_argument("--max-steps", type=_count(1), help="stop after this many optimizer steps (and save last.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints in --out")

@@ -84,6 +84,19 @@ class OptimConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0.0)
 
 
+class DistillConfig(_Strict):
+    """Train toward other models' predictions (knowledge distillation, Hinton et al. 2015): the
+    training target at each character is ``weight`` × the teachers' mean next-character distribution
+    + (1 − ``weight``) × the character itself. The teachers are checkpoints of stateful models on
+    the same vocabulary (a run's seeds or snapshots); their distributions are computed once, before
+    training, reading each training column from its start (see :mod:`charlm.distill`)."""
+
+    teachers: tuple[str, ...] = Field(min_length=1, description="checkpoint files whose ensemble teaches")
+    weight: float = Field(
+        0.9, gt=0.0, le=1.0, description="share of the teachers' distribution in the target (1: theirs alone)"
+    )
+
+
 class Phase(_Strict):
     """One part of the learning-rate schedule.
 
@@ -157,6 +170,7 @@ class RunConfig(_Strict):
     cuda_graph: bool = Field(
         False, description="capture the whole training step in a CUDA graph (needs data.fixed_shape and one GPU)"
     )
+    distill: DistillConfig | None = Field(None, description="train toward teacher checkpoints' predictions")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -173,6 +187,12 @@ class RunConfig(_Strict):
                 "cuda_graph replays one recorded step, so every batch must have its shape: "
                 "set data.fixed_shape=true (and data.random_bptt=false)"
             )
+        if self.distill is not None and arch.layout != "stream":
+            raise ValueError(
+                f"distill needs a stateful model (the teachers read whole columns), not {self.model.architecture}"
+            )
+        if self.distill is not None and self.cuda_graph:
+            raise ValueError("distill runs its steps eagerly: set cuda_graph=false")
         if self.cuda_graph and self.device == "cpu":
             raise ValueError("cuda_graph needs a CUDA device, not device='cpu'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -197,6 +217,8 @@ class RunConfig(_Strict):
             fields = ("kind", "lr", "epochs") if phase.kind == "constant" else tuple(Phase.model_fields)
             for key in fields:
                 out[f"schedule.{i}.{key}"] = phase.total_epochs if key == "epochs" else getattr(phase, key)
+        if self.distill is not None:
+            out.update({"distill.teachers": ",".join(self.distill.teachers), "distill.weight": self.distill.weight})
         out.update(seed=self.seed, epochs=self.epochs)
         return out
 

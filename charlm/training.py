@@ -28,7 +28,7 @@ from charlm import stopping
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import RunConfig
 from charlm.cudagraph import GraphedStep
-from charlm.data import PAD_INDEX, Layout, PreparedCorpus, make_layout
+from charlm.data import PAD_INDEX, Layout, PreparedCorpus, StreamLayout, make_layout
 from charlm.device import (
     DeviceError,
     PrecisionError,
@@ -183,12 +183,13 @@ class EpochLogger(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         self._started, self._first_epoch = time.perf_counter(), trainer.epoch
         self.log.info(
-            "%s: %s parameters on %s (%s), %d epochs%s",
+            "%s: %s parameters on %s (%s), %d epochs%s%s",
             self.name or trainer.config.architecture,
             f"{trainer.parameters:,}",
             trainer.device,
             trainer.precision_note,
             trainer.schedule.total_epochs,
+            trainer.distill_note,
             f", resuming at epoch {trainer.epoch + 1}" if trainer.step else "",
         )
 
@@ -353,6 +354,17 @@ class Trainer:
             weight_decay=config.optim.weight_decay,
         )
         self._graphed: GraphedStep | None = GraphedStep(self) if config.cuda_graph else None
+        # Distilling: the teachers' next-character distributions over this rank's training columns.
+        self.soft_targets: torch.Tensor | None = None
+        building = time.perf_counter()
+        if config.distill is not None:
+            from charlm.distill import load_teachers, teacher_table
+
+            assert isinstance(self.train_layout, StreamLayout)  # RunConfig refuses distill otherwise
+            teachers = load_teachers(config.distill.teachers, self.vocab, self.device)
+            self.soft_targets = teacher_table(teachers, self.train_layout)
+            del teachers
+        self.distill_seconds = time.perf_counter() - building if config.distill is not None else 0.0
         self.callbacks = [c for c in callbacks if self.dist.is_main or c.all_ranks]
         self._progress = _ProgressBar() if config.progress and self.dist.is_main and sys.stderr.isatty() else None
 
@@ -365,8 +377,9 @@ class Trainer:
         self._chars, self._train_seconds = 0, 0.0
         self.checkpoints: dict[str, str] = {}
         self._last_write = time.monotonic()  # for checkpoint_minutes
-        # Wall time across resumes; it counts the precision measurement, part of this run's cost.
-        self._elapsed_base, self._fit_started = measured_s, time.perf_counter()
+        # Wall time across resumes; it counts the precision measurement and the teachers' table,
+        # part of this run's cost.
+        self._elapsed_base, self._fit_started = measured_s + self.distill_seconds, time.perf_counter()
 
     def _measure_precisions(self) -> dict[str, float] | None:
         """fp32's and bf16's seconds for one forward and backward pass of a copy of this model on
@@ -397,6 +410,18 @@ class Trainer:
         if not self.precision_seconds:
             return None
         return self.precision_seconds["bf16"] / self.precision_seconds["fp32"]
+
+    @property
+    def distill_note(self) -> str:
+        """``, distilled from 2 teachers (weight 0.9; their table took 31 s)``, or nothing."""
+        distill = self.config.distill
+        if distill is None:
+            return ""
+        count = len(distill.teachers)
+        return (
+            f", distilled from {count} teacher{'s' if count > 1 else ''} (weight {distill.weight:g}; "
+            f"their table took {self.distill_seconds:.0f} s)"
+        )
 
     @property
     def precision_note(self) -> str:
@@ -430,11 +455,19 @@ class Trainer:
             else:
                 group["lr"] = lr
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """One optimisation step on one batch; the loss, still on the device (no sync)."""
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
+        """One optimisation step on one batch; the loss, still on the device (no sync). ``soft``:
+        the teachers' distributions for these targets, when distilling (see :meth:`soft_batch`)."""
         if self._graphed is not None:
             return self._graphed(inputs, targets)
-        return self.eager_step(inputs, targets)
+        return self.eager_step(inputs, targets, soft)
+
+    def soft_batch(self, item: tuple[int, int]) -> torch.Tensor | None:
+        """The teachers' distributions for the targets of the batch ``item`` of a training plan."""
+        if self.soft_targets is None:
+            return None
+        start, length = item
+        return self.soft_targets[:, start : start + length]
 
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The forward pass under autocast, and the loss in fp32 whatever the forward ran in."""
@@ -442,10 +475,20 @@ class Trainer:
             logits, state = self.model(inputs, state)
         return char_loss(logits.float(), targets), state
 
-    def eager_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def eager_step(self, inputs: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
         module, optimizer, clip = self.module, self.optimizer, self.config.optim.grad_clip
         self.state = module.carry_state(self.state, inputs.shape[0], self.device)
-        loss, self.state = self.forward_loss(inputs, targets, self.state)
+        if soft is None:
+            loss, self.state = self.forward_loss(inputs, targets, self.state)
+            reported = loss
+        else:
+            from charlm.distill import distill_loss
+
+            with autocast(self.device, self.amp_dtype):
+                logits, self.state = self.model(inputs, self.state)
+            weight = self.config.distill.weight if self.config.distill else 1.0
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            loss, reported = distill_loss(log_probs, targets, soft, weight, PAD_INDEX)
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         if clip is not None:
@@ -453,7 +496,7 @@ class Trainer:
             nn.utils.clip_grad_norm_(module.parameters(), clip)
         self.scaler.step(optimizer)
         self.scaler.update()
-        return loss.detach()
+        return reported.detach()
 
     # ------------------------------------------------------------------ training
 
@@ -507,7 +550,7 @@ class Trainer:
         for index in range(self.batch, len(plan)):
             inputs, targets = layout.batch(plan[index])  # slices of the device-resident corpus
             self.set_lr(lr_at(epoch + (layout.progress(plan, index - 1) if index else 0.0)))
-            loss = self.train_step(inputs, targets)
+            loss = self.train_step(inputs, targets, self.soft_batch(plan[index]))
 
             self.step += 1
             self.batch = index + 1
