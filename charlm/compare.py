@@ -47,6 +47,8 @@ def rows_of(result: TrainResult) -> list[dict[str, Any]]:
     base = {c: getattr(result, c) for c in COLUMNS if c not in ("rank", "candidate", "target_reached")}
     base["target_reached"] = target_reached(result)
     of_seed = f", seed {result.seed}" if result.name and result.name != result.architecture else ""
+    if result.teachers:
+        of_seed = f", distilled from {len(result.teachers)} (seed {result.seed})"
     rows = [{**base, "candidate": "best checkpoint" + of_seed}]
     for c in result.candidates:
         members = len(c["members"])

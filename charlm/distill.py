@@ -20,15 +20,33 @@ their distribution a better target.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 
 import torch
 
-from charlm.checkpoint import CheckpointError
+from charlm.checkpoint import CheckpointError, load_checkpoint, weights_digest
 from charlm.data import StreamLayout, Vocabulary
 from charlm.ensemble import SnapshotEnsemble
 
 CHUNK = 256  # characters a column per forward pass while the table is built
+
+
+def teacher_digests(paths: Sequence[str]) -> list[str]:
+    """The sha256 of each teacher's weights (what a student's fingerprint depends on, not where the
+    files lie): the digest a checkpoint carries, else computed."""
+    out = []
+    for path in paths:
+        stat = os.stat(path) if os.path.isfile(path) else None
+        out.append(_digest(str(path), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    payload = load_checkpoint(path)  # a missing or damaged file: CheckpointError, naming it
+    return str(payload.get("checksum") or weights_digest(payload["model"]))
 
 
 def load_teachers(paths: Sequence[str], vocab: Vocabulary, device: torch.device) -> SnapshotEnsemble:
@@ -54,9 +72,12 @@ def load_teachers(paths: Sequence[str], vocab: Vocabulary, device: torch.device)
 
 
 @torch.no_grad()
-def teacher_table(teachers: SnapshotEnsemble, layout: StreamLayout) -> torch.Tensor:
+def teacher_table(
+    teachers: SnapshotEnsemble, layout: StreamLayout, amp_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``(rows, column_length, vocabulary)`` fp32: the teachers' mean probability of each next
-    character after each position of each of this rank's columns, read from the column's start."""
+    character after each position of each of this rank's columns, read from the column's start
+    (their forward passes under autocast to ``amp_dtype``, as training's and validation's)."""
     rows = layout.rows
     count, length = rows.shape
     device = rows.device
@@ -65,7 +86,8 @@ def teacher_table(teachers: SnapshotEnsemble, layout: StreamLayout) -> torch.Ten
     for start in range(0, length, CHUNK):
         tokens = rows[:, start : start + CHUNK].long()
         state = teachers.carry_state(state, count, device)
-        log_probs, state = teachers(tokens, state)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            log_probs, state = teachers(tokens, state)
         if table is None:
             table = torch.empty((count, length, log_probs.shape[-1]), dtype=torch.float32, device=device)
         table[:, start : start + tokens.shape[1]] = log_probs.float().exp()

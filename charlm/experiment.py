@@ -174,6 +174,7 @@ def train_in_child_run(
             "mlflow.parentRunId": parent_run_id,
             "charlm.architecture": arch,
             "charlm.seed": str(job.config.seed),
+            **({"charlm.teachers": str(len(job.config.distill.teachers))} if job.config.distill else {}),
             "charlm.task": job.data.settings.task,
             "charlm.fingerprint": job.fingerprint(),
             **corpus_tags(corpus),

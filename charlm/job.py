@@ -69,9 +69,7 @@ class TrainJob(BaseModel):
 
     def fingerprint(self) -> str:
         """What determines this job's result: corpus, preparation settings, configuration, code."""
-        return fingerprint(
-            self.data.corpus.sha256, self.data.settings.model_dump(), self.config.model_dump(mode="json")
-        )
+        return fingerprint(self.data.corpus.sha256, self.data.settings.model_dump(), config_identity(self.config))
 
     def model_tags(self) -> dict[str, str]:
         """Tags of every model the job logs: what it was trained and validated on, and its fingerprint."""
@@ -94,9 +92,20 @@ class TrainJob(BaseModel):
         return Path(self.resume)
 
 
+def config_identity(config: RunConfig) -> dict[str, Any]:
+    """``config`` as its fingerprint reads it: a student's teachers by their weights' digests, not
+    by where their files lie (a rerun writes the same teachers elsewhere)."""
+    dump = config.model_dump(mode="json")
+    if config.distill is not None:
+        from charlm.distill import teacher_digests
+
+        dump["distill"]["teachers"] = teacher_digests(config.distill.teachers)
+    return dump
+
+
 def config_fingerprint(corpus_sha256: str, config: RunConfig) -> str:
     """The fingerprint of training ``config`` on the corpus with that digest (see :mod:`charlm.provenance`)."""
-    return fingerprint(corpus_sha256, PrepSettings.of(config).model_dump(), config.model_dump(mode="json"))
+    return fingerprint(corpus_sha256, PrepSettings.of(config).model_dump(), config_identity(config))
 
 
 def run_fingerprint(corpus_sha256: str, configs: Sequence[RunConfig]) -> str:
@@ -134,6 +143,7 @@ class TrainResult(BaseModel):
     fingerprint: str = ""
     gen_chars_per_sec: float = 0.0  # greedy generation of the best checkpoint, one request
     candidates: list[dict[str, Any]] = []  # ensembles and weight averages of the last snapshots
+    teachers: list[str] = []  # a distilled model's teachers (checkpoint files)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -280,4 +290,5 @@ def _result(job: TrainJob, fit: FitResult, trainer: Trainer, tracker: Any) -> Tr
         fingerprint=job.fingerprint(),
         gen_chars_per_sec=tracker.gen_chars_per_sec if tracker else 0.0,
         candidates=list(tracker.candidates) if tracker else [],
+        teachers=list(job.config.distill.teachers) if job.config.distill else [],
     )

@@ -362,7 +362,7 @@ class Trainer:
 
             assert isinstance(self.train_layout, StreamLayout)  # RunConfig refuses distill otherwise
             teachers = load_teachers(config.distill.teachers, self.vocab, self.device)
-            self.soft_targets = teacher_table(teachers, self.train_layout)
+            self.soft_targets = teacher_table(teachers, self.train_layout, self.amp_dtype)
             del teachers
         self.distill_seconds = time.perf_counter() - building if config.distill is not None else 0.0
         self.callbacks = [c for c in callbacks if self.dist.is_main or c.all_ranks]

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from charlm.config import RunConfig, preset
 from charlm.device import uses_cuda
 from charlm.distributed import DistributedConfig
-from charlm.models import ARCHITECTURES
+from charlm.models import ARCHITECTURES, get_architecture
 from charlm.storage import DEFAULT_CORPUS_URI, check_uri
 
 QUICK_ARCHITECTURES = ["char3", "stateful_gru", "stateful_lstm"]
@@ -54,6 +54,14 @@ class PipelineParams(BaseModel):
         "independent trainings of each architecture (seeds S…S+N-1, S the config's seed); two or more also make "
         "the ensemble of their best checkpoints, a promotion candidate of N models (see --max-ensemble)",
         ge=1,
+    )
+    distill: bool = option(
+        False,
+        "with --seeds 2 or more, stateful architectures: then train one more model of each toward the "
+        "ensemble of its seeds' best checkpoints (knowledge distillation): a candidate of one model's cost",
+    )
+    distill_weight: float = option(
+        0.9, "with --distill: the teachers' share of the training target, the rest the next character", gt=0, le=1
     )
     concurrency: int = option(2, "training tasks at once (the rest queue)", ge=1)
     experiment_name: str = option("charlm", "MLflow experiment", flag="--experiment")
@@ -96,6 +104,12 @@ class PipelineParams(BaseModel):
         stray = set(self.overrides) - set(self.architectures) - {"*"}
         if stray:
             raise ValueError(f"overrides: for architectures not requested: {sorted(stray)}")
+        if self.distill:
+            if self.seeds < 2:
+                raise ValueError("distill: a student learns from the ensemble of the seeds: give --seeds 2 or more")
+            windows = [a for a in self.architectures if get_architecture(a).layout != "stream"]
+            if windows:
+                raise ValueError(f"distill: stateful architectures only, not {', '.join(windows)}")
         if self.distributed is not None:
             self.distributed.check_multinode(require_id=False)  # the flow names a job that has no id
         self.run_configs()  # every override applies to a real field, every value is valid
@@ -109,6 +123,15 @@ class PipelineParams(BaseModel):
             config = config.override({**self.overrides.get("*", {}), **self.overrides.get(arch, {})})
             configs += [config.override({"seed": config.seed + i}) for i in range(self.seeds)]
         return configs
+
+    def student_config(self, config: RunConfig, teachers: list[str], seed: int) -> RunConfig:
+        """An architecture's student (``--distill``): one of its seeds' ``config`` with another ``seed``
+        (not a teacher's), taught by ``teachers``, its seeds' best checkpoints."""
+        return config.override({"seed": seed, "distill": {"teachers": teachers, "weight": self.distill_weight}})
+
+    @staticmethod
+    def student_name(architecture: str) -> str:
+        return f"{architecture}-distilled"
 
     def job_name(self, config: RunConfig) -> str | None:
         """A task's name when an architecture is trained with several seeds (its child run, its

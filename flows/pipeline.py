@@ -40,11 +40,13 @@ from charlm.experiment import (
     end_run,
     log_seed_ensembles,
     owner_gone,
+    seed_groups,
     start_parent_run,
     train_in_child_run,
 )
 from charlm.job import TrainJob, TrainResult, run_fingerprint
 from charlm.prepared import CorpusRef, PreparedRef, PrepSettings
+from charlm.provenance import fingerprint as provenance_fingerprint
 from charlm.storage import CorpusFetchError, fetch_corpus
 from charlm.tracking import check_tracking_server
 from flows.nodes import cancel_pending, start_joining_nodes
@@ -225,6 +227,25 @@ def why_dead(current_flow_run: str) -> Callable[[Run], str | None]:
     return check
 
 
+def student_jobs(
+    params: PipelineParams, jobs: list[TrainJob], results: list[TrainResult], output_dir: Path
+) -> list[TrainJob]:
+    """``--distill``: for each architecture, a job that trains one more model (the seed after its
+    seeds') toward the ensemble of its seeds' best checkpoints; named ``<architecture>-distilled``."""
+    students = []
+    for members in seed_groups(results):
+        arch = members[0].architecture
+        job = next(j for j in jobs if j.architecture == arch and j.data.settings.task == members[0].task)
+        config = params.student_config(
+            job.config, [r.checkpoints["best"] for r in members], max(r.seed for r in members) + 1
+        )
+        name = params.student_name(arch)
+        students.append(
+            job.model_copy(update={"config": config, "checkpoint_dir": str(output_dir / name), "label": name})
+        )
+    return students
+
+
 @flow(name="charlm-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
 def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
     """Train and compare architectures on a corpus, promote the best; see :class:`PipelineParams`."""
@@ -245,6 +266,8 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
 
     corpus = fetch(params.corpus_uri, params.s3_endpoint_url, root)
     fingerprint = run_fingerprint(corpus.sha256, configs)
+    if params.distill:  # the students' teachers are trained by this run: the flag and weight stand for them
+        fingerprint = provenance_fingerprint(fingerprint, "distill", params.distill_weight)
     if params.skip_if_unchanged and (version := unchanged_champion(fingerprint, params.model_name)):
         print(f"{params.model_name} v{version} (champion) came from this corpus, settings and code: nothing to do")
         return {"skipped": True, "corpus": corpus.model_dump(), "champion_version": version}
@@ -261,6 +284,8 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
         client.log_param(parent_id, "architectures", ",".join(params.architectures))
         client.log_param(parent_id, "preset", params.preset_name)
         client.log_param(parent_id, "seeds", str(params.seeds))
+        if params.distill:
+            client.log_param(parent_id, "distill_weight", str(params.distill_weight))
         jobs = [
             TrainJob(
                 config=c,
@@ -283,9 +308,16 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
         if failures:
             raise RuntimeError(f"{len(failures)} training task(s) failed: " + "; ".join(failures))
         ensembles = ensemble_seeds(parent_id, results, list(data.values())) if params.seeds > 1 else []
+        if params.distill:  # one student per architecture, taught by its seeds' best checkpoints
+            students = student_jobs(params, jobs, results, output_dir)
+            taught, failures = run_queued(students, lambda i, job: submit(len(jobs) + i, job), params.concurrency)
+            if failures:
+                raise RuntimeError(f"{len(failures)} distillation task(s) failed: " + "; ".join(failures))
+            results = results + taught
         champion = registry.alias_version(client, params.model_name, registry.CHAMPION)
         primary = compare.primary_task(results, champion.tags.get("charlm.task") if champion else None)
         title = f"{corpus.uri}, preset {params.preset_name}" + (f", {params.seeds} seeds" if params.seeds > 1 else "")
+        title += ", a student of each architecture's seeds" if params.distill else ""
         table = compare_architectures(results, parent_id, str(output_dir), primary, title, ensembles)
         promotion = (
             promote(parent_id, params.model_name, params.promotion_margin, corpus, params.max_ensemble)

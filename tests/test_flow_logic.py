@@ -65,6 +65,9 @@ def test_seeds_make_one_task_per_architecture_and_seed_each_with_its_own_name():
         ({"concurrency": 0}, "greater than or equal to 1"),
         ({"seeds": 0}, "greater than or equal to 1"),
         ({"distributed": {"nnodes": 2}}, "fixed host:port"),
+        ({"distill": True, "architectures": ["stateful_gru"]}, "give --seeds 2 or more"),
+        ({"distill": True, "seeds": 2, "architectures": ["char3", "stateful_gru"]}, "stateful .* only, not char3"),
+        ({"distill": True, "seeds": 2, "architectures": ["stateful_gru"], "distill_weight": 0}, "greater than 0"),
     ],
 )
 def test_bad_parameters_are_refused_before_any_work(fields, message):

@@ -744,3 +744,45 @@ def test_seeds_train_as_tasks_of_their_own_and_their_ensemble_is_a_candidate(sta
             assert [(m.key, m.value) for m in model.metrics] == [(own, pytest.approx(candidate["val_loss"]))]
     promoted = run["promotion"]["candidate"]  # the best of every candidate, the seeds' ensemble among them
     assert promoted["val_loss"] <= min(r["best_val_loss"] for r in run["table"]) + 1e-9
+
+
+def test_distill_trains_a_student_of_the_seeds_that_competes_as_one_model(stack, tmp_path):
+    import shutil
+
+    from charlm.checkpoint import load_checkpoint
+    from charlm.config import RunConfig
+    from charlm.job import config_fingerprint
+
+    run = run_flow(
+        stack, architectures=["stateful_gru"], seeds=2, distill=True, experiment_name="distill", model_name="charlm-d"
+    )
+    client = MlflowClient(stack["tracking"])
+    children = {
+        c.info.run_name: c
+        for c in client.search_runs(
+            [run["experiment_id"]], filter_string=f"tags.mlflow.parentRunId = '{run['parent_run_id']}'"
+        )
+    }
+    assert sorted(children) == ["stateful_gru-distilled", "stateful_gru-seed0", "stateful_gru-seed1"]
+    seeds = sorted((r for r in run["results"] if r["name"] != "stateful_gru-distilled"), key=lambda r: r["seed"])
+    (student,) = [r for r in run["results"] if r["name"] == "stateful_gru-distilled"]
+    teachers = [r["checkpoints"]["best"] for r in seeds]
+    assert student["teachers"] == teachers and student["seed"] == 2  # the seed after the teachers'
+    child = children["stateful_gru-distilled"]
+    assert child.info.status == "FINISHED"
+    assert child.data.params["distill.teachers"] == ",".join(teachers)
+    assert child.data.params["distill.weight"] == "0.9"
+    assert child.data.tags["charlm.teachers"] == "2" and child.data.tags["charlm.seed"] == "2"
+    assert client.get_run(run["parent_run_id"]).data.params["distill_weight"] == "0.9"
+    rows = {r["candidate"]: r for r in run["table"]}
+    row = rows["best checkpoint, distilled from 2 (seed 2)"]
+    assert row["best_val_loss"] == pytest.approx(student["best_val_loss"]) and row["run_id"] == child.info.run_id
+    # Its fingerprint follows its teachers' weights, not where their files lie: a rerun that trains the
+    # same teachers into other directories gives the same one (and registers nothing new).
+    config = RunConfig.model_validate(load_checkpoint(student["checkpoints"]["best"])["config"])
+    moved = [shutil.copy(path, tmp_path / f"teacher{i}.pt") for i, path in enumerate(teachers)]
+    assert config_fingerprint(run["corpus"]["sha256"], config) == student["fingerprint"]
+    moved_config = config.override({"distill.teachers": [str(p) for p in moved]})
+    assert config_fingerprint(run["corpus"]["sha256"], moved_config) == student["fingerprint"]
+    other = config.override({"distill.teachers": [str(moved[0])]})
+    assert config_fingerprint(run["corpus"]["sha256"], other) != student["fingerprint"]
