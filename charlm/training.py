@@ -354,17 +354,10 @@ class Trainer:
             weight_decay=config.optim.weight_decay,
         )
         self._graphed: GraphedStep | None = GraphedStep(self) if config.cuda_graph else None
-        # Distilling: the teachers' next-character distributions over this rank's training columns.
+        # Distilling: the teachers' next-character distributions over this rank's training columns,
+        # built when training starts (a resumed run's precision is known by then).
         self.soft_targets: torch.Tensor | None = None
-        building = time.perf_counter()
-        if config.distill is not None:
-            from charlm.distill import load_teachers, teacher_table
-
-            assert isinstance(self.train_layout, StreamLayout)  # RunConfig refuses distill otherwise
-            teachers = load_teachers(config.distill.teachers, self.vocab, self.device)
-            self.soft_targets = teacher_table(teachers, self.train_layout, self.amp_dtype)
-            del teachers
-        self.distill_seconds = time.perf_counter() - building if config.distill is not None else 0.0
+        self.distill_seconds = 0.0
         self.callbacks = [c for c in callbacks if self.dist.is_main or c.all_ranks]
         self._progress = _ProgressBar() if config.progress and self.dist.is_main and sys.stderr.isatty() else None
 
@@ -377,9 +370,9 @@ class Trainer:
         self._chars, self._train_seconds = 0, 0.0
         self.checkpoints: dict[str, str] = {}
         self._last_write = time.monotonic()  # for checkpoint_minutes
-        # Wall time across resumes; it counts the precision measurement and the teachers' table,
-        # part of this run's cost.
-        self._elapsed_base, self._fit_started = measured_s + self.distill_seconds, time.perf_counter()
+        # Wall time across resumes; it counts the precision measurement (and, in fit, the teachers'
+        # table), part of this run's cost.
+        self._elapsed_base, self._fit_started = measured_s, time.perf_counter()
 
     def _measure_precisions(self) -> dict[str, float] | None:
         """fp32's and bf16's seconds for one forward and backward pass of a copy of this model on
@@ -462,6 +455,19 @@ class Trainer:
             return self._graphed(inputs, targets)
         return self.eager_step(inputs, targets, soft)
 
+    def teacher_targets(self) -> torch.Tensor | None:
+        """When distilling, the teachers' table (:func:`charlm.distill.teacher_table`), built on
+        first use under this run's autocast; None otherwise."""
+        if self.config.distill is not None and self.soft_targets is None:
+            from charlm.distill import load_teachers, teacher_table
+
+            assert isinstance(self.train_layout, StreamLayout)  # RunConfig refuses distill otherwise
+            building = time.perf_counter()
+            teachers = load_teachers(self.config.distill.teachers, self.vocab, self.device)
+            self.soft_targets = teacher_table(teachers, self.train_layout, self.amp_dtype)
+            self.distill_seconds = time.perf_counter() - building
+        return self.soft_targets
+
     def soft_batch(self, item: tuple[int, int]) -> torch.Tensor | None:
         """The teachers' distributions for the targets of the batch ``item`` of a training plan."""
         if self.soft_targets is None:
@@ -507,6 +513,7 @@ class Trainer:
     def fit(self, max_steps: int | None = None) -> FitResult:
         """Train to the end of the schedule (or stop after ``max_steps`` total steps)."""
         started = self._fit_started = time.perf_counter()
+        self.teacher_targets()  # within the run's wall time: part of its cost
         self._call("on_fit_start")
         if self._progress:
             self.callbacks.append(self._progress)

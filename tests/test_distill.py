@@ -36,7 +36,8 @@ def student_config(teachers, weight=1.0):
 def test_the_teachers_table_is_what_they_predict_however_a_column_is_cut(teachers, small_text):
     config = student_config(teachers).override({"precision": "fp32"})  # the table's forward passes: fp32
     trainer = Trainer(config, prepare_for(config, small_text))
-    table = trainer.soft_targets
+    assert trainer.soft_targets is None  # built when training starts
+    table = trainer.teacher_targets()
     rows = trainer.train_layout.rows
     assert table is not None and table.shape == (*rows.shape, len(trainer.vocab))
     assert torch.allclose(table.sum(-1), torch.ones(rows.shape), atol=1e-5)  # distributions
@@ -80,7 +81,7 @@ def test_a_distilled_student_learns_its_teachers_distribution(teachers, small_te
     plain = distilled.override({"distill": None})
     corpus = prepare_for(distilled, small_text)
     teacher = Trainer(distilled, corpus)
-    table, rows = teacher.soft_targets, teacher.train_layout.rows
+    table, rows = teacher.teacher_targets(), teacher.train_layout.rows
 
     def against_teachers(trainer: Trainer) -> float:
         trainer.module.eval()
@@ -99,11 +100,27 @@ def test_a_distilled_student_learns_its_teachers_distribution(teachers, small_te
     assert trainer.config.flat()["distill.teachers"] == ",".join(teachers)
 
 
+def test_a_distilled_run_resumes_exactly(teachers, small_text, tmp_path):
+    config = student_config(teachers, weight=0.5)
+    corpus = prepare_for(config, small_text)
+    straight = Trainer(config, corpus)
+    total = len(straight.train_layout.plan(0, config.seed, True)) + 5  # past an epoch's end
+    straight.fit(max_steps=total)
+    first = Trainer(config, corpus)
+    first.fit(max_steps=total // 2)  # mid-epoch, with a carried hidden state
+    first.save_checkpoint(tmp_path / "half.pt")
+    resumed = Trainer.resume(tmp_path / "half.pt", corpus)
+    resumed.fit(max_steps=total)
+    for (name, a), b in zip(straight.module.state_dict().items(), resumed.module.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
+
+
 def test_teachers_on_another_vocabulary_are_refused_by_name(teachers, small_text):
     other = small_text.translate(str.maketrans("aeiou", "áéíóú"))  # another alphabet
     config = student_config(teachers)
     with pytest.raises(CheckpointError, match=f"{teachers[0]}: a teacher on another vocabulary"):
-        Trainer(config, prepare_for(config, other))
+        Trainer(config, prepare_for(config, other)).fit()
 
 
 def test_only_stateful_models_distil(teachers):
