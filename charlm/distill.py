@@ -11,8 +11,8 @@ of a training column does not depend on how the column is cut into bptt spans: i
 once, before the first step, by reading every column from its start with the state carried
 (in eval mode: no dropout). Each step then slices the student's targets out of that table, so
 distilling costs one forward pass over the training split per teacher, not one per step. The
-table holds ``characters × vocabulary`` floats (about 110 MB for the Nietzsche corpus's 480,000
-training characters and 59 symbols, on the training device). With ``data.random_offset`` and
+table holds ``characters × vocabulary`` floats (about 108 MB for the Nietzsche corpus's 480,714
+training characters and 56 symbols, on the training device). With ``data.random_offset`` and
 ``data.fixed_shape`` the student skips a column's first characters in some epochs, where the
 teachers read them: the teachers then know more of the column than the student, which only makes
 their distribution a better target.
