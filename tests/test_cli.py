@@ -104,3 +104,11 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys):
     )
     assert main(["generate", "--checkpoint", str(tmp_path / "missing.pt"), "--prime", "x"]) == 1
     assert "missing.pt: no such checkpoint" in capsys.readouterr().err
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("a small text, read twice. " * 200)
+    teacher = str(tmp_path / "teacher.pt")
+    args = ["train", "--arch", "stateful_lstm", "--preset", "tiny", "--corpus", str(corpus), "--teacher", teacher]
+    assert main([*args, "--out", str(tmp_path / "student")]) == 1  # a teacher that is not there
+    assert capsys.readouterr().err.strip() == f"charlm: error: {teacher}: no such checkpoint file"
+    assert main([*args[:2], "char3", *args[3:]]) == 2  # a student that cannot read whole columns
+    assert "distill needs a stateful model" in capsys.readouterr().err
