@@ -10,6 +10,9 @@
     python bench/time_to_quality.py --lstm-only --parallel --lstm-preset notebook_full   # the notebook's own
     python bench/time_to_quality.py --lstm-only --parallel --variant locked=model.locked_dropout=true
         # awd_sgdr and a variant of it side by side, each seed of each one process
+    python bench/time_to_quality.py --lstm-only --parallel --snapshots --seeds 2 3 \
+        --set 'distill={"teachers": ["runs/s0/best.pt", "runs/s1/best.pt"], "weight": 0.9}'
+        # students of two earlier seeds' best checkpoints (charlm.distill; the seeds' wall time not counted)
 
 Part 1 (the GRU figure, 1.3697): for each seed, the notebook's ``stateful_gru`` schedule
 (9 epochs) and the ``short_sgdr`` preset (``--fast-arch``, default its 1 × 512 LSTM) train
