@@ -138,7 +138,7 @@ class PipelineParams(BaseModel):
         checkpoint directory): ``stateful_lstm-seed1``; None (its architecture) otherwise."""
         return f"{config.architecture}-seed{config.seed}" if self.seeds > 1 else None
 
-    def cpu_plan(self, cores: int) -> tuple[int, DistributedConfig | None, str | None]:
+    def cpu_plan(self, cores: int, tasks: int | None = None) -> tuple[int, DistributedConfig | None, str | None]:
         """DDP ranks on a CPU host without oversubscribing it: ``(concurrency, distributed, note)``.
         Tasks at once are capped so that their ranks fit the cores, and each rank gets an equal
         share of the cores as torch threads (unless ``threads_per_rank`` is given); GPU jobs and
@@ -147,7 +147,7 @@ class PipelineParams(BaseModel):
         if dist is None or (uses_cuda(self.run_configs()[0].device) and dist.backend != "gloo"):
             return self.concurrency, dist, None
         ranks = dist.nproc_per_node or 1
-        tasks = len(self.architectures) * self.seeds
+        tasks = tasks or len(self.architectures) * self.seeds  # the training tasks (a wave of them)
         at_once = min(self.concurrency, tasks)
         concurrency = self.concurrency
         note = None

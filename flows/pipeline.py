@@ -252,7 +252,8 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
     params = params or PipelineParams()
     configs = params.run_configs()  # validated before any work
     run_id = str(flow_run.get_id() or "local")
-    concurrency, cpu_dist, note = params.cpu_plan(len(os.sched_getaffinity(0)))
+    requested, cores = params, len(os.sched_getaffinity(0))
+    concurrency, cpu_dist, note = params.cpu_plan(cores)
     if note:
         print(note)
     params = params.model_copy(update={"concurrency": concurrency, "distributed": cpu_dist})
@@ -297,7 +298,7 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
             for c in configs
         ]
 
-        def submit(index: int, job: TrainJob) -> Any:
+        def submit(index: int, job: TrainJob, distributed: DistributedConfig | None = distributed) -> Any:
             job_dist = distributed.for_job(job.name, index) if distributed else None
             with gpu_request(params.gpus_per_task):
                 return train.submit(
@@ -310,7 +311,10 @@ def charlm_pipeline(params: PipelineParams | None = None) -> dict[str, Any]:
         ensembles = ensemble_seeds(parent_id, results, list(data.values())) if params.seeds > 1 else []
         if params.distill:  # one student per architecture, taught by its seeds' best checkpoints
             students = student_jobs(params, jobs, results, output_dir)
-            taught, failures = run_queued(students, lambda i, job: submit(len(jobs) + i, job), params.concurrency)
+            # fewer tasks than the seeds' wave: each student's ranks get the cores the seeds shared
+            _, student_cpu, _ = requested.cpu_plan(cores, tasks=len(students))
+            dist = requested.model_copy(update={"distributed": student_cpu}).distribution(run_id)
+            taught, failures = run_queued(students, lambda i, job: submit(len(jobs) + i, job, dist), params.concurrency)
             if failures:
                 raise RuntimeError(f"{len(failures)} distillation task(s) failed: " + "; ".join(failures))
             results = results + taught

@@ -94,6 +94,9 @@ def test_ddp_on_a_cpu_host_never_oversubscribes_it():
     given = params.model_copy(update={"distributed": DistributedConfig(nproc_per_node=2, threads_per_rank=3)})
     assert given.cpu_plan(cores=16)[1].threads_per_rank == 3  # an explicit setting stands
     assert PipelineParams().cpu_plan(cores=2) == (2, None, None)  # in-process training: untouched
+    seeds = PipelineParams(architectures=["stateful_lstm"], seeds=2, distributed=DistributedConfig(nproc_per_node=1))
+    assert seeds.cpu_plan(cores=2)[1].threads_per_rank == 1  # two seeds side by side: a core each
+    assert seeds.cpu_plan(cores=2, tasks=1)[1].threads_per_rank == 2  # their one student: both cores
 
 
 # --------------------------------------------------------------------------- command line
