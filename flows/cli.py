@@ -179,8 +179,20 @@ def main(flow: Callable[..., Any], argv: list[str] | None = None) -> Any:
         )
         sys.exit(code)
     except Exception as err:
-        described = describe_error(err)
+        described = describe_error(err) or _prefect_start_error(err)
         if described is None:
             raise
         print(f"python -m flows.pipeline: error: {described[1]}", file=sys.stderr)
         sys.exit(1)
+
+
+def _prefect_start_error(err: BaseException) -> tuple[int, str] | None:
+    """Prefect's temporary API server (no PREFECT_API_URL) that did not start in time: on a machine
+    too busy to start it, the fix is a longer wait or a running server, not a traceback."""
+    if not (isinstance(err, RuntimeError) and "Timed out while attempting to connect to ephemeral" in str(err)):
+        return None
+    wait = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+    return 1, (
+        f"Prefect's temporary API server did not start within {wait} s (the machine may be too busy): "
+        "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set PREFECT_API_URL to a running Prefect server"
+    )

@@ -40,3 +40,25 @@ def test_the_pipeline_runs_on_ephemeral_prefect_and_local_sqlite_mlflow(tmp_path
     champion = client.get_model_version_by_alias("charlm", "champion")
     assert champion.tags["charlm.architecture"] in {"char3", "stateful_gru"}
     assert (tmp_path / ".charlm" / "runs").is_dir()  # CHARLM_HOME's default, under the working directory
+
+
+def test_a_temporary_prefect_server_that_does_not_start_in_time_ends_in_one_line(tmp_path):
+    """A machine too busy to start Prefect's ephemeral server in time (here: no time allowed)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_text(200, seed=3), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CHARLM_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(ROOT))
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "0"
+    command = [sys.executable, "-m", "flows.pipeline", "--corpus-uri", str(corpus), "--preset", "tiny"]
+    command += ["--arch", "char3"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    error = (
+        "python -m flows.pipeline: error: Prefect's temporary API server did not start within 0 s (the machine "
+        "may be too busy): raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or set PREFECT_API_URL to a "
+        "running Prefect server"
+    )
+    assert out.splitlines().count(error) == 1, out[-3000:]  # then only Prefect's line as the server stops
+    assert [line for line in out.splitlines() if "error" in line.lower()] == [error]
