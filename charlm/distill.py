@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from charlm.checkpoint import CheckpointError, load_checkpoint, weights_digest
+from charlm.checkpoint import CheckpointError, first_line, load_checkpoint, weights_digest
 from charlm.data import StreamLayout, Vocabulary
 from charlm.ensemble import SnapshotEnsemble
 
@@ -51,21 +51,29 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:
 
 def load_teachers(paths: Sequence[str], vocab: Vocabulary, device: torch.device) -> SnapshotEnsemble:
     """The teachers' ensemble in eval mode; each must be a stateful model on ``vocab``."""
-    from charlm.generate import LoadedModel
+    from charlm.config import RunConfig
+    from charlm.models import build_model
 
     members = []
     for path in paths:
-        loaded = LoadedModel.from_checkpoint(path, device)
-        if loaded.vocab != vocab:
+        payload = load_checkpoint(path, map_location=device)
+        try:
+            config = RunConfig.model_validate(payload["config"])
+            own = Vocabulary.from_dict(payload["vocab"])
+            model = build_model(config.architecture, len(own), **config.model.model_dump(exclude={"architecture"}))
+            model.load_state_dict(payload["model"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:  # a readable file with the wrong contents
+            raise CheckpointError(f"{path}: its contents do not make a charlm model: {first_line(err)}") from None
+        if own != vocab:
             raise CheckpointError(
-                f"{path}: a teacher on another vocabulary ({len(loaded.vocab)} symbols, the corpus has "
+                f"{path}: a teacher on another vocabulary ({len(own)} symbols, the corpus has "
                 f"{len(vocab)}): distill from models trained on this corpus's vocabulary"
             )
-        if loaded.model.layout != "stream":
+        if model.layout != "stream":
             raise CheckpointError(
-                f"{path}: a teacher must be a stateful model, not {loaded.config.architecture} (it reads windows)"
+                f"{path}: a teacher must be a stateful model, not {config.architecture} (it reads windows)"
             )
-        members.append(loaded.model)
+        members.append(model)
     teachers = SnapshotEnsemble(members).to(device).eval()
     teachers.requires_grad_(False)
     return teachers
