@@ -26,9 +26,9 @@ from collections.abc import Sequence
 
 import torch
 
-from charlm.checkpoint import CheckpointError, first_line, load_checkpoint, weights_digest
+from charlm.checkpoint import CheckpointError, load_checkpoint, weights_digest
 from charlm.data import StreamLayout, Vocabulary
-from charlm.ensemble import SnapshotEnsemble
+from charlm.ensemble import SnapshotEnsemble, read_model
 
 CHUNK = 256  # characters a column per forward pass while the table is built
 
@@ -51,19 +51,9 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:
 
 def load_teachers(paths: Sequence[str], vocab: Vocabulary, device: torch.device) -> SnapshotEnsemble:
     """The teachers' ensemble in eval mode; each must be a stateful model on ``vocab``."""
-    from charlm.config import RunConfig
-    from charlm.models import build_model
-
     members = []
     for path in paths:
-        payload = load_checkpoint(path, map_location=device)
-        try:
-            config = RunConfig.model_validate(payload["config"])
-            own = Vocabulary.from_dict(payload["vocab"])
-            model = build_model(config.architecture, len(own), **config.model.model_dump(exclude={"architecture"}))
-            model.load_state_dict(payload["model"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as err:  # a readable file with the wrong contents
-            raise CheckpointError(f"{path}: its contents do not make a charlm model: {first_line(err)}") from None
+        model, config, own = read_model(path, device)
         if own != vocab:
             raise CheckpointError(
                 f"{path}: a teacher on another vocabulary ({len(own)} symbols, the corpus has "

@@ -26,8 +26,10 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from charlm.checkpoint import CheckpointError, load_checkpoint
-from charlm.models import CharModel, State
+from charlm.checkpoint import CheckpointError, first_line, load_checkpoint
+from charlm.config import RunConfig
+from charlm.data import Vocabulary
+from charlm.models import CharModel, State, build_model
 
 Combine = Literal["ensemble", "average"]
 
@@ -107,6 +109,27 @@ def combine_payloads(payloads: Sequence[dict[str, Any]], combine: Combine) -> di
         raise ValueError(f"combine {combine!r}: only 'average' makes one payload")
     kept = {k: v for k, v in first.items() if k in ("config", "vocab", "history", "best", "progress", "world_size")}
     return {**kept, "model": average_weights([p["model"] for p in payloads])}
+
+
+def model_from_payload(payload: dict[str, Any]) -> tuple[CharModel, RunConfig, Vocabulary]:
+    """The model a checkpoint payload describes, its weights loaded, with its config and vocabulary."""
+    config = RunConfig.model_validate(payload["config"])
+    vocab = Vocabulary.from_dict(payload["vocab"])
+    model = build_model(config.architecture, len(vocab), **config.model.model_dump(exclude={"architecture"}))
+    model.load_state_dict(payload["model"])
+    return model, config, vocab
+
+
+def read_model(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu"
+) -> tuple[CharModel, RunConfig, Vocabulary]:
+    """:func:`model_from_payload` of a checkpoint file; a readable file with the wrong contents is
+    refused by name."""
+    payload = load_checkpoint(path, map_location=device)
+    try:
+        return model_from_payload(payload)
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: its contents do not make a charlm model: {first_line(err)}") from None
 
 
 def load_payloads(paths: Sequence[str | os.PathLike[str]], device: torch.device | str = "cpu") -> list[dict[str, Any]]:

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from charlm.checkpoint import CheckpointError, first_line, load_checkpoint
+from charlm.checkpoint import CheckpointError, first_line
 from charlm.config import RunConfig
 from charlm.data import PAD_INDEX, UNK_INDEX, CorpusError, Vocabulary
 from charlm.device import resolve_device
-from charlm.ensemble import Combine, SnapshotEnsemble, combine_payloads, load_payloads
-from charlm.models import CharModel, State, build_model
+from charlm.ensemble import Combine, SnapshotEnsemble, combine_payloads, load_payloads, model_from_payload, read_model
+from charlm.models import CharModel, State
 
 
 @dataclass
@@ -34,22 +34,17 @@ class LoadedModel:
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], device: str | torch.device = "cpu") -> LoadedModel:
-        config = RunConfig.model_validate(payload["config"])
-        vocab = Vocabulary.from_dict(payload["vocab"])
+        model, config, vocab = model_from_payload(payload)
         device = torch.device(device)
-        model = build_model(config.architecture, len(vocab), **config.model.model_dump(exclude={"architecture"}))
-        model.load_state_dict(payload["model"])
         model.to(device).eval()
         return cls(model=model, vocab=vocab, config=config, device=device)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device = "auto") -> LoadedModel:
         device = resolve_device(str(device))
-        payload = load_checkpoint(path, map_location=device)
-        try:
-            return cls.from_payload(payload, device)
-        except (KeyError, RuntimeError, ValueError, TypeError) as err:  # a readable file with the wrong contents
-            raise CheckpointError(f"{path}: its contents do not make a charlm model: {first_line(err)}") from None
+        model, config, vocab = read_model(path, device)
+        model.to(device).eval()
+        return cls(model=model, vocab=vocab, config=config, device=device)
 
     @classmethod
     def from_checkpoints(

@@ -475,11 +475,16 @@ class Trainer:
         start, length = item
         return self.soft_targets[:, start : start + length]
 
-    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """The forward pass under autocast, and the loss in fp32 whatever the forward ran in."""
+    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The forward pass under autocast; the logits in fp32 whatever it ran in."""
         with autocast(self.device, self.amp_dtype):
             logits, state = self.model(inputs, state)
-        return char_loss(logits.float(), targets), state
+        return logits.float(), state
+
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The forward pass under autocast, and the loss in fp32 whatever the forward ran in."""
+        logits, state = self.forward(inputs, state)
+        return char_loss(logits, targets), state
 
     def eager_step(self, inputs: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
         module, optimizer, clip = self.module, self.optimizer, self.config.optim.grad_clip
@@ -490,11 +495,10 @@ class Trainer:
         else:
             from charlm.distill import distill_loss
 
-            with autocast(self.device, self.amp_dtype):
-                logits, self.state = self.model(inputs, self.state)
-            weight = self.config.distill.weight if self.config.distill else 1.0
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            loss, reported = distill_loss(log_probs, targets, soft, weight, PAD_INDEX)
+            assert self.config.distill is not None  # soft targets exist only when distilling
+            logits, self.state = self.forward(inputs, self.state)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            loss, reported = distill_loss(log_probs, targets, soft, self.config.distill.weight, PAD_INDEX)
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         if clip is not None:
