@@ -105,18 +105,19 @@ class _EpochPrinter:
             def on_fit_start(self, trainer: Trainer) -> None:
                 print(
                     f"{trainer.config.architecture}: {trainer.parameters:,} parameters, {trainer.device}, "
-                    f"{trainer.precision_note}, {trainer.schedule.total_epochs} epochs{trainer.distill_note}",
+                    f"{trainer.precision_note}, {trainer.schedule.total_epochs} epochs{trainer.distill_note}"
+                    f"{trainer.average_note}",
                     flush=True,
                 )
-                print(
-                    f"{'epoch':>5} {'train_loss':>10} {'val_loss':>9} {'val_bpc':>8} {'val_acc':>8} {'chars/s':>10}",
-                    flush=True,
-                )
+                raw = f" {'val_loss_raw':>12}" if trainer.config.average else ""  # the trained weights' loss
+                head = f"{'epoch':>5} {'train_loss':>10} {'val_loss':>9} {'val_bpc':>8} {'val_acc':>8} {'chars/s':>10}"
+                print(head + raw, flush=True)
 
             def on_epoch_end(self, trainer: Trainer, epoch: int, m: dict[str, float]) -> None:
+                raw = f" {m['val_loss_raw']:>12.4f}" if "val_loss_raw" in m else ""
                 print(
                     f"{epoch + 1:>5} {m['train_loss']:>10.4f} {m['val_loss']:>9.4f} {m['val_bpc']:>8.4f} "
-                    f"{m['val_accuracy']:>8.4f} {m['chars_per_sec']:>10,.0f}",
+                    f"{m['val_accuracy']:>8.4f} {m['chars_per_sec']:>10,.0f}{raw}",
                     flush=True,
                 )
 

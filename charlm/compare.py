@@ -49,7 +49,9 @@ def rows_of(result: TrainResult) -> list[dict[str, Any]]:
     of_seed = f", seed {result.seed}" if result.name and result.name != result.architecture else ""
     if result.teachers:
         of_seed = f", distilled from {len(result.teachers)} (seed {result.seed})"
-    rows = [{**base, "candidate": "best checkpoint" + of_seed}]
+    best = result.history[result.best_epoch - 1] if 0 < result.best_epoch <= len(result.history) else {}
+    averaged = " (weight average)" if "val_loss_raw" in best else ""  # config.average served it
+    rows = [{**base, "candidate": "best checkpoint" + averaged + of_seed}]
     for c in result.candidates:
         members = len(c["members"])
         rows.append(

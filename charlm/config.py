@@ -97,6 +97,24 @@ class DistillConfig(_Strict):
     )
 
 
+class AverageConfig(_Strict):
+    """Serve a running average of the weights the optimiser visits (stochastic weight averaging,
+    Izmailov et al. 2018; AWD-LSTM's averaged SGD): after ``start_epoch`` epochs, the average is
+    updated after every optimiser step, and from then on the run's model — its ``val_loss``, its
+    checkpoints, what it registers — is the average, while training goes on from the raw weights
+    (their loss is logged as ``val_loss_raw``). Start it inside the last low-rate phase (after a
+    warm restart, not before one: weights on either side of a restart are not one basin)."""
+
+    start_epoch: int = Field(ge=0, description="epochs trained before averaging begins")
+    decay: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="None: the equal-weight mean of every step's weights since start_epoch (SWA); "
+        "a float: an exponential moving average with this decay per step",
+    )
+
+
 class Phase(_Strict):
     """One part of the learning-rate schedule.
 
@@ -171,6 +189,7 @@ class RunConfig(_Strict):
         False, description="capture the whole training step in a CUDA graph (needs data.fixed_shape and one GPU)"
     )
     distill: DistillConfig | None = Field(None, description="train toward teacher checkpoints' predictions")
+    average: AverageConfig | None = Field(None, description="serve a running average of the weights (SWA / EMA)")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -193,6 +212,11 @@ class RunConfig(_Strict):
             )
         if self.distill is not None and self.cuda_graph:
             raise ValueError("distill runs its steps eagerly: set cuda_graph=false")
+        if self.average is not None and self.average.start_epoch >= self.epochs:
+            raise ValueError(
+                f"average.start_epoch {self.average.start_epoch} leaves nothing to average: "
+                f"the schedule lasts {self.epochs} epochs"
+            )
         if self.cuda_graph and self.device == "cpu":
             raise ValueError("cuda_graph needs a CUDA device, not device='cpu'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -219,6 +243,11 @@ class RunConfig(_Strict):
                 out[f"schedule.{i}.{key}"] = phase.total_epochs if key == "epochs" else getattr(phase, key)
         if self.distill is not None:
             out.update({"distill.teachers": ",".join(self.distill.teachers), "distill.weight": self.distill.weight})
+        if self.average is not None:
+            average = self.average
+            out.update({"average.kind": "ema" if average.decay else "swa", "average.start_epoch": average.start_epoch})
+            if average.decay is not None:
+                out["average.decay"] = average.decay
         out.update(seed=self.seed, epochs=self.epochs)
         return out
 

@@ -247,7 +247,9 @@ class MLflowTracker(Callback):
         if epoch + 1 <= self._logged_epoch:
             return
         now = _now_ms()
-        names = ("train_loss", "train_bpc", "val_loss", "val_bpc", "val_accuracy", "chars_per_sec", "elapsed_s")
+        # val_loss_raw: the trained weights' loss while a weight average is the run's model
+        names: tuple[str, ...] = ("train_loss", "train_bpc", "val_loss", "val_loss_raw", "val_bpc", "val_accuracy")
+        names += ("chars_per_sec", "elapsed_s")
         batch = [Metric(n, float(metrics[n]), now, epoch + 1) for n in names if n in metrics]
         # Time to quality: the wall-clock seconds at which this run first reached each target, once.
         before = time_to_targets(trainer.history[:-1], self.targets)

@@ -18,11 +18,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from charlm import stopping
 from charlm.checkpoint import load_checkpoint, save_checkpoint
@@ -183,13 +184,14 @@ class EpochLogger(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         self._started, self._first_epoch = time.perf_counter(), trainer.epoch
         self.log.info(
-            "%s: %s parameters on %s (%s), %d epochs%s%s",
+            "%s: %s parameters on %s (%s), %d epochs%s%s%s",
             self.name or trainer.config.architecture,
             f"{trainer.parameters:,}",
             trainer.device,
             trainer.precision_note,
             trainer.schedule.total_epochs,
             trainer.distill_note,
+            trainer.average_note,
             f", resuming at epoch {trainer.epoch + 1}" if trainer.step else "",
         )
 
@@ -198,13 +200,14 @@ class EpochLogger(Callback):
         done = epoch + 1 - self._first_epoch
         left = (time.perf_counter() - self._started) / max(done, 1) * (total - epoch - 1)
         self.log.info(
-            "%s: epoch %d/%d  train %.4f  val %.4f (%.3f bits/char)  %s chars/s  ETA %s",
+            "%s: epoch %d/%d  train %.4f  val %.4f (%.3f bits/char)%s  %s chars/s  ETA %s",
             self.name or trainer.config.architecture,
             epoch + 1,
             total,
             metrics["train_loss"],
             metrics["val_loss"],
             metrics["val_bpc"],
+            f", trained weights {metrics['val_loss_raw']:.4f}" if "val_loss_raw" in metrics else "",
             f"{metrics['chars_per_sec']:,.0f}",
             _duration(left),
         )
@@ -354,6 +357,13 @@ class Trainer:
             weight_decay=config.optim.weight_decay,
         )
         self._graphed: GraphedStep | None = GraphedStep(self) if config.cuda_graph else None
+        # Weight averaging (config.average): a copy of the model whose weights are the running average,
+        # updated after each step from epoch ``start_epoch`` on; it is the run's model once it has begun.
+        self.average: AveragedModel | None = None
+        if config.average is not None:
+            decay = config.average.decay
+            ema = get_ema_multi_avg_fn(decay) if decay is not None else None  # type: ignore[no-untyped-call]
+            self.average = AveragedModel(self.module, multi_avg_fn=ema)
         # Distilling: the teachers' next-character distributions over this rank's training columns,
         # built when training starts (a resumed run's precision is known by then).
         self.soft_targets: torch.Tensor | None = None
@@ -417,6 +427,15 @@ class Trainer:
         )
 
     @property
+    def average_note(self) -> str:
+        """``, serving the weights' mean from epoch 49 (SWA)``, or nothing."""
+        average = self.config.average
+        if average is None:
+            return ""
+        how = "mean (SWA)" if average.decay is None else f"moving average (EMA, decay {average.decay:g})"
+        return f", serving the weights' {how} from epoch {average.start_epoch + 1}"
+
+    @property
     def precision_note(self) -> str:
         """The precision, and for ``auto`` on a CPU what decided it:
         ``fp32 (auto: a bf16 step took 1.33x fp32's here)``."""
@@ -431,9 +450,24 @@ class Trainer:
     def parameters(self) -> int:
         return count_parameters(self.module)
 
-    def evaluate(self, layout: Layout | None = None) -> dict[str, float]:
-        """Validation metrics over the whole validation split, summed across ranks."""
-        return evaluate(self.module, layout or self.valid_layout, self.device, self.dist.world_size > 1, self.amp_dtype)
+    @property
+    def averaged(self) -> bool:
+        """Whether the weight average has begun: from then on it is the run's model."""
+        return self.average is not None and int(self.average.n_averaged) > 0
+
+    @property
+    def served(self) -> CharModel:
+        """The model this run offers now: the weight average once it has begun, else the trained one."""
+        if self.average is not None and self.averaged:
+            return cast(CharModel, self.average.module)
+        return self.module
+
+    def evaluate(self, layout: Layout | None = None, module: CharModel | None = None) -> dict[str, float]:
+        """Validation metrics of ``module`` (default: :attr:`served`) over the whole validation
+        split, summed across ranks."""
+        return evaluate(
+            module or self.served, layout or self.valid_layout, self.device, self.dist.world_size > 1, self.amp_dtype
+        )
 
     @property
     def elapsed(self) -> float:
@@ -557,11 +591,14 @@ class Trainer:
             self._progress.start_epoch(epoch, len(plan), self.batch)
         device, log_every = self.device, self.config.log_every
         layout, lr_at = self.train_layout, self.schedule.lr
+        average = self.average if self.config.average and epoch >= self.config.average.start_epoch else None
         tick = time.perf_counter()
         for index in range(self.batch, len(plan)):
             inputs, targets = layout.batch(plan[index])  # slices of the device-resident corpus
             self.set_lr(lr_at(epoch + (layout.progress(plan, index - 1) if index else 0.0)))
             loss = self.train_step(inputs, targets, self.soft_batch(plan[index]))
+            if average is not None:
+                average.update_parameters(self.module)
 
             self.step += 1
             self.batch = index + 1
@@ -631,6 +668,7 @@ class Trainer:
             "train_loss": train_loss,
             "train_bpc": bits_per_char(train_loss),
             **self.evaluate(),
+            **({"val_loss_raw": self.evaluate(module=self.module)["val_loss"]} if self.averaged else {}),
             "chars_per_sec": chars / max(self._train_seconds, 1e-9),
             "lr": self.lr,
             "step": self.step,
@@ -666,7 +704,7 @@ class Trainer:
             "config": self.config.model_dump(mode="json"),
             "precision": self.precision,  # what `auto` chose: a resumed run continues in it
             "vocab": self.vocab.to_dict(),
-            "model": self.module.state_dict(),  # the plain module, never the DDP wrapper
+            "model": self.served.state_dict(),  # what the run offers (never the DDP wrapper)
             "optimizer": self.optimizer.state_dict(),
             "progress": {"step": self.step, "epoch": self.epoch, "batch": self.batch, "elapsed_s": self.elapsed},
             "scaler": self.scaler.state_dict(),
@@ -680,6 +718,12 @@ class Trainer:
             "history": self.history,
             "best": {"val_loss": self.best_val_loss, "epoch": self.best_epoch},
             "world_size": self.dist.world_size,
+            # Averaging: "model" is the average; training resumes from these weights.
+            **(
+                {"training_model": self.module.state_dict(), "average": {"count": int(self.average.n_averaged)}}
+                if self.average is not None and self.averaged
+                else {}
+            ),
         }
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
@@ -710,7 +754,10 @@ class Trainer:
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         if payload["vocab"] != self.vocab.to_dict():
             raise ValueError("checkpoint vocabulary differs from the corpus vocabulary: cannot resume on this data")
-        self.module.load_state_dict(payload["model"])
+        self.module.load_state_dict(payload.get("training_model", payload["model"]))
+        if self.average is not None and "average" in payload:
+            self.average.module.load_state_dict(payload["model"])
+            self.average.n_averaged.fill_(payload["average"]["count"])
         self.optimizer.load_state_dict(payload["optimizer"])
         for group in self.optimizer.param_groups:  # a graph's lr is a device tensor, an eager one a float
             lr = float(group["lr"])

@@ -125,3 +125,13 @@ def test_seeds_and_their_ensemble_get_rows_of_their_own():
 def test_the_plot_is_written(tmp_path):
     path = compare.plot_validation_curves(RESULTS, tmp_path / "curves.png", "s3://corpora/x.txt, preset tiny")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_best_checkpoint_that_is_a_weight_average_says_so():
+    lstm = RESULTS[2]
+    averaged = lstm.model_copy(update={"history": [lstm.history[0], {**lstm.history[1], "val_loss_raw": 1.26}]})
+    before = lstm.model_copy(
+        update={"history": [*lstm.history, {"val_loss": 1.3, "val_loss_raw": 1.31, "chars_per_sec": 3000.0}]}
+    )
+    assert compare.rows_of(averaged)[0]["candidate"] == "best checkpoint (weight average)"
+    assert compare.rows_of(before)[0]["candidate"] == "best checkpoint"  # its best came before the average began
