@@ -32,10 +32,13 @@ LIMIT=${LIMIT:-420} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SE
 # preset's fixed shape stopped it), which matters, if at all, in the last cycles where it overfits.
 # (The preset's 64 epochs as one cosine instead of its SGDR cycles, once a variant here, was
 # measured on a CPU: median best 1.2594 against the cycles' 1.2593, README.) With two or more
-# seeds the summary also gives each variant's ensemble of its seeds' best checkpoints.
+# seeds the summary also gives each variant's ensemble of its seeds' best checkpoints. Last, the
+# preset serving SWA's weight average over the second half of its last cycle (config.average): its
+# trained weights follow the preset's run (the average draws no random numbers), so the difference
+# is the average's alone.
 [ $# -gt 0 ] || [ "$PRESET" != awd_sgdr ] || set -- "model.hidden_size=768" "model.hidden_size=768 model.dropout=0.4" \
   "model.locked_dropout=true model.weight_drop=0.5 model.dropout=0.25 model.input_dropout=0.1 model.output_dropout=0.1 model.embedding_dropout=0" \
-  "data.random_offset=true"
+  "data.random_offset=true" 'average={"start_epoch":48}'
 sets=(--set "device=$DEVICE")
 for override in ${SET:-}; do sets+=(--set "$override"); done  # every run's, the preset's too
 variants=() n=0

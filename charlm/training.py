@@ -465,9 +465,8 @@ class Trainer:
     def evaluate(self, layout: Layout | None = None, module: CharModel | None = None) -> dict[str, float]:
         """Validation metrics of ``module`` (default: :attr:`served`) over the whole validation
         split, summed across ranks."""
-        return evaluate(
-            module or self.served, layout or self.valid_layout, self.device, self.dist.world_size > 1, self.amp_dtype
-        )
+        module = self.served if module is None else module
+        return evaluate(module, layout or self.valid_layout, self.device, self.dist.world_size > 1, self.amp_dtype)
 
     @property
     def elapsed(self) -> float:
