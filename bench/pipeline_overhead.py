@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
+    args.corpus = str(Path(args.corpus).resolve())  # before the chdir below: a relative path names the caller's file
 
     work = Path(tempfile.mkdtemp(prefix="charlm-overhead-"))
     os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))

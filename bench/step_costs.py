@@ -95,9 +95,9 @@ def measure(arch: str, preset_name: str, text: str, steps: int, trials: int, ove
     inside = [0.0]
     step = trainer.train_step
 
-    def timed_step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def timed_step(inputs: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
         started = time.perf_counter()
-        loss = step(inputs, targets)
+        loss = step(inputs, targets, soft)
         inside[0] += time.perf_counter() - started
         return loss
 
