@@ -7,6 +7,11 @@ hits both alike. Prints characters/second, medians and the ratio library / bare.
 
     python bench/throughput.py                         # stateful_gru and stateful_lstm, notebook sizes
     python bench/throughput.py --steps 200 --trials 7
+    python bench/throughput.py --precision bf16        # both loops under bf16 autocast
+
+Both loops run one precision (``--precision``, default fp32): the library's ``auto`` would
+pick bf16 on a CPU where it measures faster while a bare loop stays in fp32, which measures
+the precision, not the library (``bench/precision.py`` does that).
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ class BareModel(nn.Module):
 
 
 def bare_loop(config, corpus, steps, warmup, device):
-    """The textbook truncated-BPTT loop; returns characters/second over `steps` steps."""
+    """The textbook truncated-BPTT loop; returns characters/second over `steps` steps (under
+    autocast when the config's precision is bf16 or fp16, as the library's forward pass is)."""
     torch.manual_seed(config.seed)
     m, d = config.model, config.data
+    mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
     cell = {"stateful_gru": nn.GRU, "stateful_lstm": nn.LSTM, "stateful_rnn": nn.RNN}[m.architecture]
     model = BareModel(cell, len(corpus.vocab), m.embedding_dim, m.hidden_size, m.num_layers, m.dropout).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=config.optim.weight_decay)
@@ -65,8 +72,9 @@ def bare_loop(config, corpus, steps, warmup, device):
         y = data[:, i + 1 : i + 1 + d.context].long().to(device)
         i += d.context
         h = tuple(s.detach() for s in h) if isinstance(h, tuple) else h.detach()
-        logits, h = model(x, h)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        with torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None):
+            logits, h = model(x, h)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -98,6 +106,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="both loops'")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
 
@@ -112,7 +121,9 @@ def main() -> None:
     results = {"prepare_seconds": prepare_s, "torch_threads": torch.get_num_threads(), "architectures": {}}
     for arch in args.arch:
         # Fixed bptt so both loops see the same batch shapes; no progress bar.
-        config = notebook(arch).override({"data.random_bptt": False, "progress": False, "device": args.device})
+        config = notebook(arch).override(
+            {"data.random_bptt": False, "progress": False, "device": args.device, "precision": args.precision}
+        )
         corpus = prepare_for(config, text)
         device = Trainer(config, corpus).device
         lib, bare = [], []
@@ -122,13 +133,14 @@ def main() -> None:
         ratio = statistics.median(lib) / statistics.median(bare)
         ratios = [a / b for a, b in zip(lib, bare)]
         print(
-            f"{arch} on {device} (batch {config.data.batch_size}, bptt {config.data.context}, "
+            f"{arch} on {device}, {args.precision} (batch {config.data.batch_size}, bptt {config.data.context}, "
             f"hidden {config.model.hidden_size}x{config.model.num_layers}): "
             f"library {statistics.median(lib):,.0f} chars/s, bare {statistics.median(bare):,.0f} chars/s, "
             f"ratio of medians {ratio:.3f} (per-trial ratios {', '.join(f'{r:.3f}' for r in ratios)})"
         )
         results["architectures"][arch] = {
             "device": str(device),
+            "precision": args.precision,
             "library_chars_per_sec": lib,
             "bare_chars_per_sec": bare,
             "ratio_of_medians": ratio,
