@@ -1,9 +1,18 @@
 from __future__ import annotations
 
 import random
+import signal
 from pathlib import Path
 
 import pytest
+
+# A test suite started in the background of a non-interactive shell (`.ci/run &`, nohup) inherits
+# SIGINT ignored, and so would every process it starts: the tests that press Ctrl-C on the CLI and
+# the pipeline would then wait out their timeouts on processes that never saw it. Python installs
+# its own handler only where SIGINT was not ignored, so put it back here; the processes the tests
+# start then begin with the default again, as under a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _WORDS = [
     "the",
