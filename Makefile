@@ -21,8 +21,13 @@ TASK ?= --set data.lowercase=true --set data.min_freq=3
 run: setup  ## the main job: the Prefect pipeline on the embedded defaults (ephemeral Prefect, local MLflow)
 	$(PY) -m flows.pipeline --corpus-uri $(CORPUS_URI) $(TASK) $(ARGS)
 
+# Two pytest workers, each taking whole files (a file's module-scoped services start once, and its
+# tests keep their order): most tests wait on subprocesses and servers, so two workers finish the
+# suite on 2 cores in about 0.6 of one's time. TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 2
+
 test: setup  ## the whole test suite
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 lint: setup  ## ruff (lint + format) and mypy --strict on charlm/
 	$(VENV)/bin/ruff check charlm flows tests bench
