@@ -326,6 +326,7 @@ class Trainer:
         # ``auto``'s bf16 on a CPU is a candidate: kept only where this model's step measures faster in it.
         self.precision_seconds: dict[str, float] | None = None
         self._auto_choices: tuple[str, ...] = (self.precision,)
+        self._precision_kept = False  # set on resuming: the precision is the checkpoint's, not this timing's
         measuring = time.perf_counter()
         if config.precision == "auto" and self.precision == "bf16" and not cuda:
             self.precision_seconds = self.dist.share(self._measure_precisions())  # rank 0's: one choice
@@ -438,10 +439,13 @@ class Trainer:
     @property
     def precision_note(self) -> str:
         """The precision, and for ``auto`` on a CPU what decided it:
-        ``fp32 (auto: a bf16 step took 1.33x fp32's here)``."""
+        ``fp32 (auto: a bf16 step took 1.33x fp32's here)``; for a resumed run, the one it began in,
+        whatever this process measured: ``bf16 (auto, as the run began; a bf16 step took 0.95x here)``."""
         ratio = self.bf16_step_ratio
         if ratio is None:
             return self.precision
+        if self._precision_kept:
+            return f"{self.precision} (auto, as the run began; a bf16 step took {ratio:.2f}x fp32's here)"
         return f"{self.precision} (auto: a bf16 step took {ratio:.2f}x fp32's here)"
 
     # ------------------------------------------------------------------ metrics
@@ -764,6 +768,7 @@ class Trainer:
         saved = payload.get("precision")
         if self.config.precision == "auto" and saved in self._auto_choices:  # not a timing's second opinion
             self.precision, self.amp_dtype = saved, autocast_dtype(saved)
+            self._precision_kept = True
         progress = payload["progress"]
         self.step, self.epoch, self.batch = progress["step"], progress["epoch"], progress["batch"]
         self._elapsed_base = progress.get("elapsed_s", 0.0)  # fit() restarts the clock

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -74,6 +75,13 @@ def test_stop_and_resume_from_the_cli(corpus_file, tmp_path, capsys):
     )
     hint = capsys.readouterr().out
     assert f"resume with: charlm train --resume {out / 'last.pt'}" in hint and f"--out {out}" in hint
+    again = tmp_path / "again"  # the same stop, resumed with the epoch table: its first line says from where
+    shutil.copytree(out, again)
+    args = ["train", "--resume", str(again / "last.pt"), "--corpus", str(corpus_file), "--out", str(again)]
+    assert main(args) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    # seven steps stopped it in the first epoch
+    assert header.startswith("seq_rnn: ") and header.endswith(", 3 epochs, resuming at epoch 1"), header
     assert (
         main(
             [

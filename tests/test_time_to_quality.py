@@ -237,6 +237,8 @@ def test_a_resumed_run_keeps_the_precision_auto_chose(small_text, tmp_path, monk
     _bf16_native(monkeypatch, {"fp32": 1.0, "bf16": 1.5})  # a second opinion would say fp32
     resumed = Trainer.resume(tmp_path / "last.pt", corpus)
     assert resumed.precision == "bf16" and resumed.amp_dtype is torch.bfloat16
+    # the console says why it is not what this process's timing would choose
+    assert resumed.precision_note == "bf16 (auto, as the run began; a bf16 step took 1.50x fp32's here)"
 
 
 def test_flush_denormals_is_on_for_the_process_unless_kept():
