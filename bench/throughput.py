@@ -48,11 +48,11 @@ class BareModel(nn.Module):
 
 
 def bare_loop(config, corpus, steps, warmup, device):
-    """The textbook truncated-BPTT loop; returns characters/second over `steps` steps (under
-    autocast when the config's precision is bf16 or fp16, as the library's forward pass is)."""
+    """The textbook truncated-BPTT loop; returns characters/second over `steps` steps (under bf16
+    autocast when the config's precision is bf16, as the library's forward pass is)."""
     torch.manual_seed(config.seed)
     m, d = config.model, config.data
-    mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    mixed = config.precision == "bf16"
     cell = {"stateful_gru": nn.GRU, "stateful_lstm": nn.LSTM, "stateful_rnn": nn.RNN}[m.architecture]
     model = BareModel(cell, len(corpus.vocab), m.embedding_dim, m.hidden_size, m.num_layers, m.dropout).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=config.optim.weight_decay)
@@ -72,7 +72,7 @@ def bare_loop(config, corpus, steps, warmup, device):
         y = data[:, i + 1 : i + 1 + d.context].long().to(device)
         i += d.context
         h = tuple(s.detach() for s in h) if isinstance(h, tuple) else h.detach()
-        with torch.autocast(device.type, dtype=mixed or torch.bfloat16, enabled=mixed is not None):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
             logits, h = model(x, h)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)

@@ -106,7 +106,7 @@ class _EpochPrinter:
                 print(
                     f"{trainer.config.architecture}: {trainer.parameters:,} parameters, {trainer.device}, "
                     f"{trainer.precision_note}, {trainer.schedule.total_epochs} epochs{trainer.distill_note}"
-                    f"{trainer.average_note}" + (f", resuming at epoch {trainer.epoch + 1}" if trainer.step else ""),
+                    f"{trainer.average_note}{trainer.resume_note}",
                     flush=True,
                 )
                 raw = f" {'val_loss_raw':>12}" if trainer.config.average else ""  # the trained weights' loss

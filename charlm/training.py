@@ -192,7 +192,7 @@ class EpochLogger(Callback):
             trainer.schedule.total_epochs,
             trainer.distill_note,
             trainer.average_note,
-            f", resuming at epoch {trainer.epoch + 1}" if trainer.step else "",
+            trainer.resume_note,
         )
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
@@ -437,10 +437,15 @@ class Trainer:
         return f", serving the weights' {how} from epoch {average.start_epoch + 1}"
 
     @property
+    def resume_note(self) -> str:
+        """``, resuming at epoch 33`` for a trainer restored from a checkpoint, or nothing."""
+        return f", resuming at epoch {self.epoch + 1}" if self.step else ""
+
+    @property
     def precision_note(self) -> str:
         """The precision, and for ``auto`` on a CPU what decided it:
         ``fp32 (auto: a bf16 step took 1.33x fp32's here)``; for a resumed run, the one it began in,
-        whatever this process measured: ``bf16 (auto, as the run began; a bf16 step took 0.95x here)``."""
+        whatever this process measured: ``bf16 (auto, as the run began; a bf16 step took 0.95x fp32's here)``."""
         ratio = self.bf16_step_ratio
         if ratio is None:
             return self.precision
