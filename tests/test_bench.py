@@ -128,3 +128,27 @@ def test_pipeline_overhead_times_the_library_and_the_flow(corpus_file: Path, tmp
     assert "stateful_gru, one epoch of" in out and "overhead" in out, out
     figures = json.loads(report.read_text())
     assert figures["library_s"][0] > 0 and figures["pipeline_s"][0] > 0
+
+
+def test_last_cycle_continues_a_run_with_each_variant(corpus_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train = [sys.executable, "-m", "charlm.cli", "train", "--arch", "stateful_lstm", "--preset", "awd_sgdr"]
+    train += ["--corpus", str(corpus_file), "--out", str(run), "--quiet", "--set", "model.hidden_size=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*train, "--set", f"schedule={SHORT}"], cwd=ROOT, env=env, check=True, timeout=240)
+    args = ["--corpus", str(corpus_file), "--checkpoint", str(run / "cycle-0.pt")]  # epoch 2 of 4
+    variants = ["--variant", "heavier=model.dropout=0.5 model.weight_drop=0.5", "--variant", "long=data.context=64"]
+    report = tmp_path / "last.json"
+    out = bench("last_cycle.py", *args, *variants, "--json", str(report))
+    assert "control      from epoch 2 (unchanged)" in out and "heavier      from epoch 2" in out, out
+    runs = json.loads(report.read_text())
+    assert [r["variant"] for r in runs] == ["control", "heavier", "long"]
+    assert all([h["epoch"] for h in r["history"]] == [3, 4] for r in runs)
+    assert runs[1]["history"][0]["val_loss"] != runs[0]["history"][0]["val_loss"]
+    # the control retrained here is the run itself continued: the run's own last.pt read as the reference agrees
+    out = bench("last_cycle.py", *args, "--reference", str(run / "last.pt"), "--json", str(report))
+    reference = json.loads(report.read_text())[0]
+    assert reference["history"][0]["val_loss"] == pytest.approx(runs[0]["history"][0]["val_loss"], abs=1e-6)
+    assert "best" in out and "wall" in out, out
+    with pytest.raises(AssertionError, match="parameters differ"):
+        bench("last_cycle.py", *args, "--variant", "wide=model.hidden_size=16")
