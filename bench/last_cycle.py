@@ -147,7 +147,10 @@ def main() -> None:
         raise SystemExit(f"--checkpoint {args.checkpoint}: its run has no epochs left")
     text = read_corpus(args.corpus)
     runs = [reference_run(args.reference, payload) if args.reference else continue_run(payload, text, CONTROL, [])]
-    runs += [continue_run(payload, text, name, overrides) for name, overrides in variants]
+    for name, overrides in variants:
+        runs.append(continue_run(payload, text, name, overrides))
+        if args.json:  # after every run: a long comparison stopped early keeps what it finished
+            Path(args.json).write_text(json.dumps(runs, indent=1))
     report(runs, payload["progress"]["epoch"], ends)
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
