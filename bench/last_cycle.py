@@ -15,8 +15,8 @@ continued unchanged: trained here first (what ``charlm train --resume`` does), o
 history must match the checkpoint's up to the start, which the script checks). Variants run
 one after another with this process's torch threads, each with the machine to itself.
 
-Prints every variant's validation loss at the end of each remaining cycle and its best,
-against the control at the same epoch, and the wall time of each.
+Prints every run's validation loss every 8th epoch and at the end of each remaining cycle,
+its best, the difference from the control at the same epoch, and the wall time of each.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "nietzsche.txt"
 CONTROL = "control"
+KEPT = ("epoch", "val_loss", "train_loss")  # of each epoch's metrics
 
 
 def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
@@ -71,7 +72,7 @@ def continue_run(payload: dict[str, Any], corpus_text: str, name: str, overrides
     print(f"  {name:12s} from epoch {start} ({' '.join(overrides) or 'unchanged'}), {trainer.precision}", flush=True)
     tick = time.perf_counter()
     result = trainer.fit()
-    history = [{k: h[k] for k in ("epoch", "val_loss", "train_loss")} for h in result.history[start:]]
+    history = [{k: h[k] for k in KEPT} for h in result.history[start:]]
     return {"variant": name, "overrides": overrides, "history": history, "wall_s": time.perf_counter() - tick}
 
 
@@ -86,7 +87,7 @@ def reference_run(path: str, payload: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"--reference {path}: not a later checkpoint of the run that wrote --checkpoint")
     if later["progress"]["epoch"] <= start:
         raise SystemExit(f"--reference {path}: ends at epoch {later['progress']['epoch']}, not after {start}")
-    history = [{k: h[k] for k in ("epoch", "val_loss", "train_loss")} for h in later["history"][start:]]
+    history = [{k: h[k] for k in KEPT} for h in later["history"][start:]]
     times = [h["elapsed_s"] for h in later["history"]]
     return {"variant": CONTROL, "overrides": [], "history": history, "wall_s": times[-1] - times[start - 1]}
 
@@ -146,14 +147,15 @@ def main() -> None:
     if not ends:
         raise SystemExit(f"--checkpoint {args.checkpoint}: its run has no epochs left")
     text = read_corpus(args.corpus)
-    runs = [reference_run(args.reference, payload) if args.reference else continue_run(payload, text, CONTROL, [])]
-    for name, overrides in variants:
-        runs.append(continue_run(payload, text, name, overrides))
+    runs: list[dict[str, Any]] = []
+    for name, overrides in [(CONTROL, []), *variants]:
+        if name == CONTROL and args.reference:
+            runs.append(reference_run(args.reference, payload))
+        else:
+            runs.append(continue_run(payload, text, name, overrides))
         if args.json:  # after every run: a long comparison stopped early keeps what it finished
             Path(args.json).write_text(json.dumps(runs, indent=1))
     report(runs, payload["progress"]["epoch"], ends)
-    if args.json:
-        Path(args.json).write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":
