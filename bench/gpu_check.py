@@ -4,6 +4,8 @@
    cuDNN's RNNs run it, else fp16 with a gradient scaler);
 2. the same at a fixed shape (``data.fixed_shape``, bptt 8): eager against ``cuda_graph``, in
    fp32 and in bf16;
+   2b. ``awd_sgdr``'s LSTM (dropouts, weight-drop) at its own shape, eager against a CUDA graph:
+   chars/s, the mean loss, and any parameter whose gradient a replay leaves unchanged (``--parts 2``);
 3. the wall time of the notebook's LSTM schedule (17 epochs), precision ``auto``;
 4. a 1-GPU NCCL DDP task through the pipeline (``--ddp``, tiny preset, embedded Prefect and MLflow).
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from charlm.config import notebook
+from charlm.config import awd_sgdr, notebook
 from charlm.data import read_corpus
 from charlm.device import PrecisionError, resolve_precision
 from charlm.prepared import prepare_for
@@ -44,9 +46,11 @@ class EpochClock(Callback):
         print(f"   epoch {epoch + 1}/{trainer.config.epochs}: val {val:.4f} at {elapsed:.1f} s", flush=True)
 
 
-def throughput(config, corpus, steps: int, trials: int) -> tuple[float, str, float]:
+def throughput(config, corpus, steps: int, trials: int, probe: list[str] | None = None) -> tuple[float, str, float]:
     """Median chars/s over ``trials`` passes of ``steps`` training steps, the precision, and the
-    mean loss of the last pass (a graph that trains wrongly is fast too: its losses give it away)."""
+    mean loss of the last pass (a graph that trains wrongly is fast too: its losses give it away).
+    ``probe``: filled with the names of the parameters whose gradient one more step on another
+    batch leaves unchanged (a replay that does not recompute them)."""
     trainer = Trainer(config, corpus)
     layout = trainer.train_layout
     plan = layout.plan(0, config.seed, True)
@@ -62,6 +66,12 @@ def throughput(config, corpus, steps: int, trials: int) -> tuple[float, str, flo
             total += trainer.train_step(inputs, targets)
         torch.cuda.synchronize()
         speeds.append(sum(t.numel() for _, t in batches) / (time.perf_counter() - started))
+    if probe is not None:
+        params = [(n, p) for n, p in trainer.module.named_parameters() if p.grad is not None]
+        before = [p.grad.clone() for _, p in params]
+        trainer.train_step(*layout.batch(plan[(steps + 7) % len(plan)]))
+        probe.extend(n for (n, p), g in zip(params, before) if torch.equal(p.grad, g))
+        probe.extend(n for n, p in trainer.module.named_parameters() if p.grad is None)
     return statistics.median(speeds), trainer.precision, total.item() / len(batches)
 
 
@@ -80,7 +90,13 @@ def main() -> None:
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--parts", type=int, nargs="+", default=[1, 3, 4], help="1: throughput, 3: schedule, 4: DDP")
+    parser.add_argument(
+        "--parts",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3, 4],
+        help="1: throughput, 2: awd_sgdr's graph check, 3: schedule, 4: DDP",
+    )
     parser.add_argument(
         "--backend", default="nccl", help="part 4's DDP backend (gloo runs part 4 on a CPU: a check of its plumbing)"
     )
@@ -88,7 +104,7 @@ def main() -> None:
     args.corpus = str(Path(args.corpus).resolve())  # part 4 runs the pipeline from a temporary directory
     if not Path(args.corpus).is_file():
         raise SystemExit(f"gpu_check: corpus {args.corpus} not found (--corpus)")
-    if (1 in args.parts or 3 in args.parts or args.backend == "nccl") and not torch.cuda.is_available():
+    if ({1, 2, 3} & set(args.parts) or args.backend == "nccl") and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device visible to torch")
     if torch.cuda.is_available():
         print(
@@ -118,6 +134,23 @@ def main() -> None:
         for label, (speed, _, loss) in run.items():
             ratio = speed / run["fixed fp32" if label.startswith("fixed") else "fp32"][0]
             print(f"    {label:18s} {speed:>11,.0f} chars/s  ratio {ratio:5.2f}  loss {loss:.3f}", flush=True)
+
+    if 2 in args.parts:
+        print("\n2b. awd_sgdr's LSTM (2 x 512, bptt 32, batch 32) at a fixed shape, fp32: eager against a CUDA graph")
+        awd = awd_sgdr("stateful_lstm").override(
+            {"progress": False, "device": "cuda", "precision": "fp32", "data.fixed_shape": True}
+        )
+        corpus = prepare_for(awd, text)
+        quiet = {"model.dropout": 0.0, "model.embedding_dropout": 0.0, "model.weight_drop": 0.0}
+        for label, change in (("as is", {}), ("weight_drop 0", {"model.weight_drop": 0.0}), ("no dropouts", quiet)):
+            for graph in (False, True):
+                stale: list[str] = []
+                speed, _, loss = throughput(awd.override({**change, "cuda_graph": graph}), corpus, 300, 2, stale)
+                print(
+                    f"  {label:14s} {'graph' if graph else 'eager':5s} {speed:>11,.0f} chars/s  loss {loss:.3f}  "
+                    f"gradients unchanged by a step: {', '.join(stale) or 'none'}",
+                    flush=True,
+                )
 
     if 3 in args.parts:
         config = notebook("stateful_lstm").override({"progress": False, "device": "cuda"})

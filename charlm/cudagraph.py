@@ -75,6 +75,9 @@ class GraphedStep:
             side.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(side):
                 loss = t.eager_step(inputs, targets)
+            # weight-drop's masked matrices hold this step's graph: the next step's (a new side stream)
+            # would reuse its AccumulateGrad nodes, which torch warns of as a stream mismatch
+            t.module.release_graph()
             torch.cuda.current_stream(t.device).wait_stream(side)
             return loss
         if self.graph is None:
@@ -94,8 +97,9 @@ class GraphedStep:
     def _capture(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         t = self.trainer
         self.static_inputs, self.static_targets = inputs.clone(), targets.clone()
-        # Replacing the trainer's state drops the warm-up's autograd graph, whose AccumulateGrad
-        # nodes belong to the side stream: kept alive into the capture, torch warns of a mismatch.
+        # Replacing the trainer's state drops the warm-up's autograd graph (its AccumulateGrad nodes
+        # belong to the side stream; torch asks that none be alive at capture); the model's own
+        # references went with release_graph after each warm-up step.
         t.state = t.module.carry_state(t.state, inputs.shape[0], t.device)
         self.static_state = map_state(t.state, lambda s: s.detach().clone())
         clip = t.config.optim.grad_clip

@@ -14,6 +14,7 @@ Nothing outside this module looks at an architecture's name.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -37,6 +38,10 @@ class CharModel(nn.Module):
 
     def carry_state(self, state: State, batch_size: int, device: torch.device) -> State:
         return None
+
+    def release_graph(self) -> None:
+        """Drop what the model itself keeps of the last forward pass's autograd graph (none here):
+        a CUDA graph's capture wants none of its eager warm-up steps' graphs alive."""
 
 
 def map_state(state: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:
@@ -129,6 +134,21 @@ class CharLoopConcatModel(CharModel):
 # --------------------------------------------------------------------------- torch RNN models
 
 
+def _keep_flat_weights(rnn: nn.RNNBase) -> None:
+    """Tell ``rnn`` its weights are current, so its forward does not re-flatten them.
+
+    Seeing a new tensor in place of a weight, ``nn.RNNBase`` calls ``flatten_parameters`` on a GPU,
+    which copies every weight into a new cuDNN buffer and moves the *parameters' storage* there,
+    in place. Each weight-dropped step would do that; inside a CUDA graph the capture moves them
+    into the graph's memory and every replay copies their capture-time values back over them, so
+    the input-to-hidden weights and the biases never train (``bench/gpu_check.py --parts 2``
+    showed the graph's loss at 2.31 against eager's 1.71 with weight-drop, equal without). Left
+    unflattened, cuDNN copies the weights into a scratch buffer of its own each call instead.
+    """
+    if hasattr(rnn, "_flat_weight_refs"):  # the record _weights_have_changed reads
+        rnn._flat_weight_refs = [None if w is None else weakref.ref(w) for w in rnn._flat_weights]
+
+
 class _RecurrentModel(CharModel):
     """Embedding → ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (batch-first) → dropout → linear.
 
@@ -192,6 +212,12 @@ class _RecurrentModel(CharModel):
             return [(rnn, "weight_hh_l0") for rnn in self.layers]  # type: ignore[misc]
         return [(self.rnn, f"weight_hh_l{layer}") for layer in range(self.num_layers)]
 
+    def release_graph(self) -> None:
+        """The masked hidden-to-hidden matrices set on the RNN modules by the last forward carry its
+        graph (back to ``weight_hh_lK_raw``'s AccumulateGrad): put plain detached copies there."""
+        for rnn, name in self._dropped_weights if self.weight_drop else ():
+            setattr(rnn, name, getattr(rnn, f"{name}_raw").detach())
+
     def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
         """Dropout on (B, T, F) activations: one mask per sequence with ``locked_dropout``."""
         if not (self.training and p):
@@ -222,6 +248,7 @@ class _RecurrentModel(CharModel):
                 # (a view in eval mode: handing nn.Module the Parameter itself would register it twice)
                 masked = F.dropout(raw, self.weight_drop, True) if self.training else raw.view_as(raw)
                 setattr(rnn, name, masked)
+                _keep_flat_weights(rnn)
         inputs = self._drop(self.embed(tokens), self.input_dropout)  # (B, T, E)
         with warnings.catch_warnings():  # cuDNN: masked weights are not one contiguous chunk (by design)
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")

@@ -69,6 +69,26 @@ def test_weight_drop_masks_the_recurrence_in_training_only(architecture):
     assert set(model.state_dict()) == names  # eval mode registered nothing new
 
 
+@pytest.mark.parametrize("locked", [False, True])
+def test_weight_drop_leaves_the_rnn_its_flat_weights(locked):
+    """A masked matrix set in place of a weight must not make ``nn.RNNBase`` re-flatten its weights:
+    on a GPU that moves the parameters' storage every step, and under a CUDA graph it froze every
+    weight but the dropped ones (``charlm.models._keep_flat_weights``). Here the record it checks
+    is current after every forward, in training and evaluation; and ``release_graph`` leaves the
+    model holding nothing of the last step's autograd graph (a capture wants none alive)."""
+    model = _locked("stateful_lstm") if locked else _awd("stateful_lstm")
+    rnns = list(model.layers) if locked else [model.rnn]
+    tokens = torch.randint(2, 30, (4, 7))
+    for mode in (True, False, True):
+        model.train(mode)
+        model(tokens, None)
+        assert not any(rnn._weights_have_changed() for rnn in rnns)
+    assert all(getattr(rnn, name).grad_fn is not None for rnn, name in model._dropped_weights)
+    model.release_graph()
+    assert all(getattr(rnn, name).grad_fn is None for rnn, name in model._dropped_weights)
+    assert all(torch.equal(getattr(rnn, name), getattr(rnn, f"{name}_raw")) for rnn, name in model._dropped_weights)
+
+
 def _locked(architecture: str) -> torch.nn.Module:
     return build_model(
         architecture, 30, embedding_dim=8, hidden_size=16, num_layers=2, dropout=0.5, weight_drop=0.5,
