@@ -21,24 +21,18 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 . bench/gpu_env.sh
 LIMIT=${LIMIT:-420} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SEEDS:-0 1} PRESET=${PRESET:-awd_sgdr}
-# the default variants: the wider model (2 x 768) at the preset's dropouts, which on a CPU (most
-# likely bf16) stood at 1.2551 / 1.2663 at epoch 32 (seeds 0 / 1; two bf16 GPU runs 1.2650 / 1.2679),
-# seed 0's best 1.2465 (precision is auto: fp32 on a GPU); the same with heavier dropout (at 0.3 its last cycle
-# bottoms mid-cycle and ends higher, on the GPU and the CPU alike); and AWD-LSTM's locked dropout at its character-level recipe's proportions
-# (salesforce/awd-lstm-lm, PTB characters: weight-drop 0.5, 0.25 between layers, 0.1 on the
-# inputs and the outputs, no embedding dropout). Locked dropout at the preset's own rates:
-# "model.locked_dropout=true" (even with the preset over 8 epochs on a CPU). Then the preset with
-# its bptt cuts moved every epoch (data.random_offset: the notebook's random bptt did that, the
-# preset's fixed shape stopped it), which matters, if at all, in the last cycles where it overfits.
-# (The preset's 64 epochs as one cosine instead of its SGDR cycles, once a variant here, was
-# measured on a CPU: median best 1.2594 against the cycles' 1.2593, README.) With two or more
-# seeds the summary also gives each variant's ensemble of its seeds' best checkpoints. Last, the
-# preset serving SWA's weight average over the second half of its last cycle (config.average): its
-# trained weights follow the preset's run (the average draws no random numbers), so the difference
-# is the average's alone.
-[ $# -gt 0 ] || [ "$PRESET" != awd_sgdr ] || set -- "model.hidden_size=768" "model.hidden_size=768 model.dropout=0.4" \
-  "model.locked_dropout=true model.weight_drop=0.5 model.dropout=0.25 model.input_dropout=0.1 model.output_dropout=0.1 model.embedding_dropout=0" \
-  "data.random_offset=true" 'average={"start_epoch":48}'
+# the default variants: the wider model (2 x 768) under heavier dropout, which on an H200 (fp32, eight
+# runs sharing it, cut at 540 s) led the preset at every cycle end on both seeds and stood at 1.2580 /
+# 1.2516 at epoch 50 of 64 (README); the same at dropout 0.5; and 2 x 1024 at 0.5. Measured there
+# and dropped: 2 x 768 at the preset's dropout 0.3 (its last cycle bottoms mid-cycle and ends higher)
+# and AWD-LSTM's locked dropout at its character-level recipe's proportions (1.298 at epoch 32
+# against the preset's 1.275); measured on a CPU without gain: data.random_offset, one 64-epoch
+# cosine, SWA (README). With two or more seeds the summary also gives each variant's ensemble of
+# its seeds' best checkpoints. SET="data.fixed_shape=true cuda_graph=true" runs every one as a CUDA
+# graph (3-4x the eager speed alone on the GPU): first check the graph trains as eager does with
+# `python bench/gpu_check.py --parts 2`, which exits non-zero where it does not.
+[ $# -gt 0 ] || [ "$PRESET" != awd_sgdr ] || set -- "model.hidden_size=768 model.dropout=0.4" \
+  "model.hidden_size=768 model.dropout=0.5" "model.hidden_size=1024 model.dropout=0.5"
 sets=(--set "device=$DEVICE")
 for override in ${SET:-}; do sets+=(--set "$override"); done  # every run's, the preset's too
 variants=() n=0
