@@ -26,8 +26,9 @@ LIMIT=${LIMIT:-420} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SE
 # 1.2516 at epoch 50 of 64 (README); the same at dropout 0.5; and 2 x 1024 at 0.5. Measured there
 # and dropped: 2 x 768 at the preset's dropout 0.3 (its last cycle bottoms mid-cycle and ends higher)
 # and AWD-LSTM's locked dropout at its character-level recipe's proportions (1.298 at epoch 32
-# against the preset's 1.275); measured on a CPU without gain: data.random_offset, one 64-epoch
-# cosine, SWA (README). With two or more seeds the summary also gives each variant's ensemble of
+# against the preset's 1.275). Others, as arguments: "data.random_offset=true" (no effect over 16
+# epochs on a CPU) and 'average={"start_epoch":48}' (SWA, measured only on an underfitting model;
+# README); the 64-epoch cosine ended level with the cycles on a CPU. With two or more seeds the summary also gives each variant's ensemble of
 # its seeds' best checkpoints. SET="data.fixed_shape=true cuda_graph=true" runs every one as a CUDA
 # graph (3-4x the eager speed alone on the GPU): first check the graph trains as eager does with
 # `python bench/gpu_check.py --parts 2`, which exits non-zero where it does not.
