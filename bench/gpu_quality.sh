@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # awd_sgdr's LSTM toward the notebook's best (1.2524) on one GPU: the preset and each variant
 # given, every seed of each its own process, all at once (a char-RNN step leaves an H200 mostly
-# idle: four runs at once each kept ~120-150K chars/s, two at once no more), compared cycle end
+# idle: four runs at once each kept ~120-150K chars/s, two at once no more; eight, ~43-67K each,
+# the GPU's SMs busy 86% of the time: about full), compared cycle end
 # by cycle end with the preset in the same run (bench/time_to_quality.py --variant).
 #
 #   bash bench/gpu_quality.sh                         # the preset and the default variants below
 #   bash bench/gpu_quality.sh "model.hidden_size=768 model.dropout=0.4"   # variants: overrides
 #   SEEDS="0 1 2 3" LIMIT=900 bash bench/gpu_quality.sh ...    # more seeds, a longer limit (420 s)
 #   PRESET=notebook_full LIMIT=540 bash bench/gpu_quality.sh   # the notebook's own 80 epochs (no variants)
+#   SET="model.hidden_size=768 model.dropout=0.4" SEEDS="0 1 2 3" bash bench/gpu_quality.sh --none
+#     # one configuration alone (the preset changed by SET), no variants: its seeds' median
 #   DEVICE=cpu SEEDS=0 CORPUS=small.txt SET='schedule=[{"kind":"sgdr","lr":0.003,"cycles":1,"cycle_len":1}]' \
 #     bash bench/gpu_quality.sh    # a dry run: one epoch each (SET: overrides for every run, the preset's too)
 #
@@ -32,12 +35,14 @@ LIMIT=${LIMIT:-420} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SE
 # its seeds' best checkpoints. SET="data.fixed_shape=true cuda_graph=true" runs every one as a CUDA
 # graph (3-4x the eager speed alone on the GPU): first check the graph trains as eager does with
 # `python bench/gpu_check.py --parts 2`, which exits non-zero where it does not.
-[ $# -gt 0 ] || [ "$PRESET" != awd_sgdr ] || set -- "model.hidden_size=768 model.dropout=0.4" \
+if [ "${1:-}" = --none ]; then shift; elif [ $# -eq 0 ] && [ "$PRESET" = awd_sgdr ]; then set -- "model.hidden_size=768 model.dropout=0.4" \
   "model.hidden_size=768 model.dropout=0.5" "model.hidden_size=1024 model.dropout=0.5"
+fi
 sets=(--set "device=$DEVICE")
 for override in ${SET:-}; do sets+=(--set "$override"); done  # every run's, the preset's too
 variants=() n=0
 : >"$LOGS/quality.log"
+echo "every run: $PRESET on $DEVICE${SET:+ + $SET}, seeds $SEEDS" | tee -a "$LOGS/quality.log"
 for variant in "$@"; do
   n=$((n + 1))
   variants+=(--variant "v$n=$variant")
