@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from charlm.config import RunConfig
+from charlm.device import DeviceError
 from charlm.models import CharModel, State, map_state
 
 WARMUP_STEPS = 3
@@ -104,6 +105,7 @@ class GraphedStep:
         self.static_state = map_state(t.state, lambda s: s.detach().clone())
         clip = t.config.optim.grad_clip
         t.optimizer.zero_grad(set_to_none=True)
+        where = {name: p.data_ptr() for name, p in t.module.named_parameters()}
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss, new_state = t.forward_loss(self.static_inputs, self.static_targets, self.static_state)
@@ -113,4 +115,13 @@ class GraphedStep:
             t.optimizer.step()
             _copy_state(self.static_state, new_state)  # after backward: the next step's input state
             self.static_loss = loss.detach()
+        # A capture that moves a parameter's storage (nn.RNNBase re-flattening its weights did, before
+        # weight-drop kept them current) leaves every replay copying its capture-time values back over
+        # the optimizer's updates: that parameter would never train. Refuse rather than train wrongly.
+        moved = [name for name, p in t.module.named_parameters() if p.data_ptr() != where[name]]
+        if moved:
+            raise DeviceError(
+                f"cuda_graph: capturing the step moved the storage of {', '.join(moved)}, so replays would "
+                "undo their updates; train this model with cuda_graph=false"
+            )
         self.graph = graph
