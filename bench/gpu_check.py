@@ -147,7 +147,8 @@ def main() -> None:
         corpus = prepare_for(awd, text)
         quiet = {"model.dropout": 0.0, "model.embedding_dropout": 0.0, "model.weight_drop": 0.0}
         for label, change in (("as is", {}), ("weight_drop 0", {"model.weight_drop": 0.0}), ("no dropouts", quiet)):
-            losses = []
+            losses: list[float] = []
+            speeds: list[float] = []
             for graph in (False, True):
                 stale: list[str] = []
                 try:
@@ -157,8 +158,10 @@ def main() -> None:
                     failed.append(f"2b ({label})")
                     break
                 losses.append(loss)
+                speeds.append(speed)
                 print(
-                    f"  {label:14s} {'graph' if graph else 'eager':5s} {speed:>11,.0f} chars/s  loss {loss:.3f}  "
+                    f"  {label:14s} {'graph' if graph else 'eager':5s} {speed:>11,.0f} chars/s  "
+                    f"ratio {speed / speeds[0]:5.2f}  loss {loss:.3f}  "
                     f"gradients unchanged by a step: {', '.join(stale) or 'none'}",
                     flush=True,
                 )

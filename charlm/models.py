@@ -144,6 +144,8 @@ def _keep_flat_weights(rnn: nn.RNNBase) -> None:
     the input-to-hidden weights and the biases never train (``bench/gpu_check.py --parts 2``
     showed the graph's loss at 2.31 against eager's 1.71 with weight-drop, equal without). Left
     unflattened, cuDNN copies the weights into a scratch buffer of its own each call instead.
+    (salesforce/awd-lstm-lm's ``WeightDrop`` meets the same re-flattening by replacing the module's
+    ``flatten_parameters`` with a no-op; this keeps torch's own flattening and removes its trigger.)
     """
     if hasattr(rnn, "_flat_weight_refs"):  # the record _weights_have_changed reads
         rnn._flat_weight_refs = [None if w is None else weakref.ref(w) for w in rnn._flat_weights]
