@@ -50,7 +50,7 @@ def throughput(config, corpus, steps: int, trials: int, probe: list[str] | None 
     """Median chars/s over ``trials`` passes of ``steps`` training steps, the precision, and the
     mean loss of the last pass (a graph that trains wrongly is fast too: its losses give it away).
     ``probe``: filled with the names of the parameters whose gradient one more step on another
-    batch leaves unchanged (a replay that does not recompute them)."""
+    batch leaves unchanged, or that have none (a replay that does not recompute them)."""
     trainer = Trainer(config, corpus)
     layout = trainer.train_layout
     plan = layout.plan(0, config.seed, True)

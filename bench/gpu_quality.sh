@@ -31,12 +31,16 @@ LIMIT=${LIMIT:-420} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SE
 # and AWD-LSTM's locked dropout at its character-level recipe's proportions (1.298 at epoch 32
 # against the preset's 1.275). Others, as arguments: "data.random_offset=true" (no effect over 16
 # epochs on a CPU) and 'average={"start_epoch":48}' (SWA, measured only on an underfitting model;
-# README); the 64-epoch cosine ended level with the cycles on a CPU. With two or more seeds the summary also gives each variant's ensemble of
-# its seeds' best checkpoints. SET="data.fixed_shape=true cuda_graph=true" runs every one as a CUDA
-# graph (3-4x the eager speed alone on the GPU): first check the graph trains as eager does with
+# README); the 64-epoch cosine ended level with the cycles on a CPU. With two or more seeds the
+# summary also gives each variant's ensemble of its seeds' best checkpoints.
+# SET="data.fixed_shape=true cuda_graph=true" runs every one as a CUDA graph (3-4x the eager speed
+# alone on the GPU): first check the graph trains as eager does with
 # `python bench/gpu_check.py --parts 2`, which exits non-zero where it does not.
-if [ "${1:-}" = --none ]; then shift; elif [ $# -eq 0 ] && [ "$PRESET" = awd_sgdr ]; then set -- "model.hidden_size=768 model.dropout=0.4" \
-  "model.hidden_size=768 model.dropout=0.5" "model.hidden_size=1024 model.dropout=0.5"
+if [ "${1:-}" = --none ]; then
+  shift
+elif [ $# -eq 0 ] && [ "$PRESET" = awd_sgdr ]; then
+  set -- "model.hidden_size=768 model.dropout=0.4" "model.hidden_size=768 model.dropout=0.5" \
+    "model.hidden_size=1024 model.dropout=0.5"
 fi
 sets=(--set "device=$DEVICE")
 for override in ${SET:-}; do sets+=(--set "$override"); done  # every run's, the preset's too

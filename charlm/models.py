@@ -250,6 +250,7 @@ class _RecurrentModel(CharModel):
                 # (a view in eval mode: handing nn.Module the Parameter itself would register it twice)
                 masked = F.dropout(raw, self.weight_drop, True) if self.training else raw.view_as(raw)
                 setattr(rnn, name, masked)
+            for rnn in dict.fromkeys(rnn for rnn, _ in self._dropped_weights):  # each module once
                 _keep_flat_weights(rnn)
         inputs = self._drop(self.embed(tokens), self.input_dropout)  # (B, T, E)
         with warnings.catch_warnings():  # cuDNN: masked weights are not one contiguous chunk (by design)
