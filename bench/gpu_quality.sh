@@ -35,17 +35,29 @@ LIMIT=${LIMIT:-420} LOGS=${LOGS:-${OUT:-/tmp}} DEVICE=${DEVICE:-cuda} SEEDS=${SE
 # summary also gives each variant's ensemble of its seeds' best checkpoints.
 # SET="data.fixed_shape=true cuda_graph=true" runs every one as a CUDA graph (3-4x the eager speed
 # alone on the GPU): first check the graph trains as eager does with
-# `python bench/gpu_check.py --parts 2`, which exits non-zero where it does not.
+# `python bench/gpu_check.py --parts 2`, which exits non-zero where it does not. GRAPH=auto runs
+# that check first (its lines go to the log) and adds the graph to SET only where it passes; LIMIT
+# then counts the check's seconds too.
 if [ "${1:-}" = --none ]; then
   shift
 elif [ $# -eq 0 ] && [ "$PRESET" = awd_sgdr ]; then
   set -- "model.hidden_size=768 model.dropout=0.4" "model.hidden_size=768 model.dropout=0.5" \
     "model.hidden_size=1024 model.dropout=0.5"
 fi
+start=$SECONDS
+: >"$LOGS/quality.log"
+if [ "${GRAPH:-}" = auto ]; then
+  if timeout 100 "$PY" bench/gpu_check.py --corpus "$CORPUS" --parts 2 >>"$LOGS/quality.log" 2>&1; then
+    SET="${SET:+$SET }data.fixed_shape=true cuda_graph=true"
+    echo "graph check passed: every run is a CUDA graph" | tee -a "$LOGS/quality.log"
+  else
+    echo "graph check failed (exit $?, lines above in quality.log): every run is eager" | tee -a "$LOGS/quality.log"
+  fi
+  LIMIT=$((LIMIT - (SECONDS - start)))
+fi
 sets=(--set "device=$DEVICE")
 for override in ${SET:-}; do sets+=(--set "$override"); done  # every run's, the preset's too
 variants=() n=0
-: >"$LOGS/quality.log"
 echo "every run: $PRESET on $DEVICE${SET:+ + $SET}, seeds $SEEDS" | tee -a "$LOGS/quality.log"
 for variant in "$@"; do
   n=$((n + 1))
@@ -57,4 +69,4 @@ timeout -k 5 "$LIMIT" "$PY" bench/time_to_quality.py --corpus "$CORPUS" --lstm-o
   --lstm-preset "$PRESET" --seeds $SEEDS --workdir /tmp/quality --json "$LOGS/quality.json" "${sets[@]}" "${variants[@]}" \
   >>"$LOGS/quality.log" 2>&1
 echo "exit $?" >>"$LOGS/quality.log"
-grep -E "^  epoch |epoch +(8|16|17|32|48|64|80)/|seed [0-9]+:|median|snapshots|seeds' best|variants against|$PRESET|^  v[0-9]|Error|^exit" "$LOGS/quality.log"
+grep -E "^  epoch |graph check|^2b\.| (eager|graph) |epoch +(8|16|17|32|48|64|80)/|seed [0-9]+:|median|snapshots|seeds' best|variants against|$PRESET|^  v[0-9]|Error|^exit" "$LOGS/quality.log"
