@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
             choices=list(PRESETS),
             help="notebook: its settings; notebook_full: its stateful_lstm trained through all three of its fits "
             "(80 epochs); tiny: seconds on a CPU; awd_sgdr (quality), short_sgdr (the notebook GRU's "
-            "figure soonest): beyond the notebook, stateful models only (default: notebook)",
+            "figure soonest): beyond the notebook, stateful models only; wide_awd_sgdr: awd_sgdr's LSTM at 2 x 1024, "
+            "for a GPU (default: notebook)",
         )
         p.add_argument(
             "--set",

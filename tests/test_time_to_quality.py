@@ -427,7 +427,12 @@ def test_the_presets_beyond_the_notebook_keep_its_task():
     assert preset("awd_sgdr", "stateful_rnn_cell").model.weight_drop == 0  # a hand-written cell: no dropouts
     with pytest.raises(ValueError, match="preset awd_sgdr is for the stateful architectures .* not char_rnn"):
         preset("awd_sgdr", "char_rnn")
-    assert {"awd_sgdr", "short_sgdr"} <= set(PRESETS)
+    assert {"awd_sgdr", "short_sgdr", "wide_awd_sgdr"} <= set(PRESETS)
+    wide = preset("wide_awd_sgdr", "stateful_lstm")  # awd_sgdr's recipe, only the width and its dropout differ
+    assert (wide.model.hidden_size, wide.model.dropout, wide.model.num_layers) == (1024, 0.5, 2)
+    assert wide.model_copy(update={"model": lstm.model}) == lstm
+    with pytest.raises(ValueError, match="made wide, not stateful_gru"):
+        preset("wide_awd_sgdr", "stateful_gru")
     # the pipeline's --preset offers every preset the library has
     assert set(get_args(PipelineParams.model_fields["preset_name"].annotation)) == set(PRESETS)
 
