@@ -453,7 +453,7 @@ def wide_awd_sgdr(architecture: str) -> RunConfig:
     H200 (``bench/gpu_quality.sh``, fp32, as a CUDA graph): two seeds ended at 1.2327 and 1.2413
     against 1.2524 and 1.2540 for 2 × 768 at dropout 0.4 in the same run; the README quotes the
     runs. On a GPU add ``cuda_graph=true`` (its fixed shape allows one, about 5x eager's speed
-    there); on a 2-core CPU a step of it costs several of ``awd_sgdr``'s (README). Only the LSTM
+    there); on a 2-core CPU a step of it costs about 5x ``awd_sgdr``'s (README). Only the LSTM
     was measured, so the other architectures are refused."""
     if architecture != "stateful_lstm":
         raise ValueError(f"preset wide_awd_sgdr is awd_sgdr's stateful_lstm made wide, not {architecture}")
