@@ -112,6 +112,21 @@ def test_time_to_quality_compares_a_variant_side_by_side(corpus_file: Path, tmp_
     assert "light seed 0" in out and "light seed 1" in out and "light median difference" in out, out
 
 
+def test_gpu_quality_script_runs_the_preset_and_a_variant_on_a_cpu(corpus_file: Path, tmp_path: Path) -> None:
+    """bench/gpu_quality.sh, the lent GPU's quality call, as its dry run on a CPU: a shell error there
+    would cost a GPU session's device time. On a CPU it skips the graph check and trains eagerly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DEVICE": "cpu", "SEEDS": "0"}
+    env.update(CORPUS=str(corpus_file), LOGS=str(tmp_path), SET=f"model.hidden_size=8 schedule={SHORT}", LIMIT="200")
+    script = ROOT / "bench" / "gpu_quality.sh"
+    done = subprocess.run(["bash", str(script), "model.dropout=0.1"], cwd=ROOT, env=env, capture_output=True, text=True)
+    log = (tmp_path / "quality.log").read_text()
+    assert done.returncode == 0 and "exit 0" in log, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{log[-3000:]}"
+    assert "graph check" not in log  # GRAPH=off on a CPU
+    assert "v1: awd_sgdr + model.dropout=0.1" in log and "variants against awd_sgdr" in log, log
+    assert "v1 seed 0" in done.stdout and "ensemble of the last 2 cycle snapshots" in done.stdout, done.stdout
+    assert json.loads((tmp_path / "quality.json").read_text())["lstm"]
+
+
 def test_ddp_scaling_launches_each_rank_count(corpus_file: Path, tmp_path: Path) -> None:
     report = tmp_path / "ddp.json"
     out = bench("ddp_scaling.py", "--corpus", str(corpus_file), "--trials", "1", "--json", str(report))
