@@ -118,7 +118,9 @@ def test_gpu_quality_script_runs_the_preset_and_a_variant_on_a_cpu(corpus_file: 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DEVICE": "cpu", "SEEDS": "0"}
     env.update(CORPUS=str(corpus_file), LOGS=str(tmp_path), SET=f"model.hidden_size=8 schedule={SHORT}", LIMIT="200")
     script = ROOT / "bench" / "gpu_quality.sh"
-    done = subprocess.run(["bash", str(script), "model.dropout=0.1"], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        ["bash", str(script), "model.dropout=0.1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
     log = (tmp_path / "quality.log").read_text()
     assert done.returncode == 0 and "exit 0" in log, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{log[-3000:]}"
     assert "graph check" not in log  # GRAPH=off on a CPU
