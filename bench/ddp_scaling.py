@@ -7,6 +7,7 @@ Throughput is the trainer's own per-epoch figure (training steps only, global
 characters over rank 0's training time); trials alternate and medians are compared.
 
     python bench/ddp_scaling.py --trials 3
+    python bench/ddp_scaling.py --arch stateful_lstm --preset awd_sgdr --trials 3
     python bench/ddp_scaling.py --device cuda --ranks 1 --lstm-schedule
 """
 
@@ -26,6 +27,8 @@ DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "niet
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="stateful_gru")
+    parser.add_argument("--preset", default="notebook", help="the preset whose model and batches one epoch trains")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads in all")
@@ -37,14 +40,18 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    from charlm.config import Phase, notebook
+    from charlm.config import Phase, notebook, preset
     from charlm.distributed import DistributedConfig, launch_training
     from charlm.job import TrainJob
     from charlm.prepared import prepare
 
     work = Path(tempfile.mkdtemp(prefix="charlm-ddp-"))
     backend = "nccl" if args.device == "cuda" else "gloo"
-    one_epoch = notebook(args.arch).override({"schedule": [Phase.constant(1e-3, 1).model_dump()], "progress": False})
+    one_epoch = (
+        preset(args.preset, args.arch)
+        .override(args.set)
+        .override({"schedule": [Phase.constant(1e-3, 1).model_dump()], "progress": False})
+    )
     data = prepare(args.corpus, one_epoch, work / "store")
 
     figures: dict[int, list[float]] = {r: [] for r in args.ranks}
@@ -60,10 +67,11 @@ def main() -> None:
             figures[ranks].append(out.history[0]["chars_per_sec"])
             print(f"trial {trial + 1}: {ranks} rank(s) on {out.device}: {figures[ranks][-1]:,.0f} chars/s", flush=True)
     base = statistics.median(figures[args.ranks[0]])
-    report = {"arch": args.arch, "device": args.device, "chars_per_sec": figures}
+    report = {"arch": args.arch, "preset": args.preset, "set": args.set, "device": args.device}
+    report["chars_per_sec"] = figures
     for ranks in args.ranks:
         median = statistics.median(figures[ranks])
-        line = f"{args.arch}, {ranks} rank(s): median {median:,.0f} chars/s"
+        line = f"{args.arch} ({args.preset}), {ranks} rank(s): median {median:,.0f} chars/s"
         if ranks != args.ranks[0]:
             line += f", speed-up {median / base:.2f}x over {args.ranks[0]} rank(s) on the same cores"
         print(line)

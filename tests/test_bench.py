@@ -131,10 +131,13 @@ def test_gpu_quality_script_runs_the_preset_and_a_variant_on_a_cpu(corpus_file: 
 
 def test_ddp_scaling_launches_each_rank_count(corpus_file: Path, tmp_path: Path) -> None:
     report = tmp_path / "ddp.json"
-    out = bench("ddp_scaling.py", "--corpus", str(corpus_file), "--trials", "1", "--json", str(report))
-    assert "stateful_gru, 2 rank(s): median" in out and "speed-up" in out, out
-    figures = json.loads(report.read_text())["chars_per_sec"]
+    args = ["--corpus", str(corpus_file), "--trials", "1", "--set", "model.hidden_size=32", "--json", str(report)]
+    out = bench("ddp_scaling.py", *args)
+    assert "stateful_gru (notebook), 2 rank(s): median" in out and "speed-up" in out, out
+    written = json.loads(report.read_text())
+    figures = written["chars_per_sec"]
     assert set(figures) == {"1", "2"} and all(f[0] > 0 for f in figures.values())
+    assert written["preset"] == "notebook" and written["set"] == ["model.hidden_size=32"]
 
 
 def test_pipeline_overhead_times_the_library_and_the_flow(corpus_file: Path, tmp_path: Path) -> None:
