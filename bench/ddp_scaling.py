@@ -67,8 +67,13 @@ def main() -> None:
             figures[ranks].append(out.history[0]["chars_per_sec"])
             print(f"trial {trial + 1}: {ranks} rank(s) on {out.device}: {figures[ranks][-1]:,.0f} chars/s", flush=True)
     base = statistics.median(figures[args.ranks[0]])
-    report = {"arch": args.arch, "preset": args.preset, "set": args.set, "device": args.device}
-    report["chars_per_sec"] = figures
+    report = {
+        "arch": args.arch,
+        "preset": args.preset,
+        "set": args.set,
+        "device": args.device,
+        "chars_per_sec": figures,
+    }
     for ranks in args.ranks:
         median = statistics.median(figures[ranks])
         line = f"{args.arch} ({args.preset}), {ranks} rank(s): median {median:,.0f} chars/s"
