@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from typing import get_args
 
 import pytest
@@ -195,10 +196,28 @@ def test_measure_precisions_alternates_and_takes_medians():
     def step(dtype: torch.dtype | None) -> None:
         calls.append("bf16" if dtype is torch.bfloat16 else "fp32")
 
-    seconds = measure_precisions(step, trials=3)
+    seconds = measure_precisions(step, trials=3, min_seconds=0.0)
     # a warm-up of each, then the trials with the first of each pair alternating
     assert calls == ["fp32", "bf16", "fp32", "bf16", "bf16", "fp32", "fp32", "bf16"]
     assert set(seconds) == {"fp32", "bf16"} and all(s >= 0 for s in seconds.values())
+
+
+def test_measure_precisions_adds_trials_until_each_side_has_run_min_seconds():
+    """A fast step gets more timings than a slow one (three timings of a 30 ms step were too
+    few to tell 0.91x from 0.85x), up to ``max_trials``."""
+    calls: list[str] = []
+
+    def step(dtype: torch.dtype | None) -> None:
+        calls.append("bf16" if dtype is torch.bfloat16 else "fp32")
+        time.sleep(0.01)
+
+    measure_precisions(step, trials=3, min_seconds=0.2, max_trials=40)
+    # 2 warm-ups, then pairs until each side has 0.2 s: at most 20 (sleep only overshoots)
+    pairs = (len(calls) - 2) // 2
+    assert 3 < pairs <= 20 and calls.count("fp32") == calls.count("bf16")
+    calls.clear()
+    measure_precisions(step, trials=3, min_seconds=60.0, max_trials=6)
+    assert len(calls) == 2 + 2 * 6  # the cap holds where min_seconds is out of reach
 
 
 def test_auto_keeps_bf16_on_a_cpu_only_where_it_measured_faster():
