@@ -193,7 +193,8 @@ def measure_precisions(
     ``max_trials``, until each precision has run for ``min_seconds`` in all. Three timings of a
     step put a 2 x 768 LSTM's bf16 at 0.91x fp32's on an AMD Zen 5, one point over
     :data:`BF16_STEP_RATIO`, minutes after the same probe in ``bench/step_costs.py`` had picked
-    bf16 for the same model; a second of each is a median of several times as many steps."""
+    bf16 for the same model; a second of each is 5 timings of that model's step of about 0.2 s, tens of a
+    small model's."""
     dtypes: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
     seconds: dict[str, list[float]] = {name: [] for name in dtypes}
     for dtype in dtypes.values():
