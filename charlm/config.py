@@ -34,19 +34,34 @@ class ModelConfig(_Strict):
     output_dropout: float | None = Field(
         None, ge=0.0, lt=1.0, description="before the output layer (AWD's dropout); None: the same as dropout"
     )
+    activation_reg: float = Field(
+        0.0, ge=0.0, description="AR: this times the mean square of the last layer's dropped outputs (AWD's alpha)"
+    )
+    temporal_activation_reg: float = Field(
+        0.0,
+        ge=0.0,
+        description="TAR: this times the mean square of the last layer's step-to-step output changes (AWD's beta)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         arch = get_architecture(self.architecture)
         regularised = (
-            self.dropout or self.embedding_dropout or self.weight_drop or self.input_dropout or self.output_dropout
+            self.dropout
+            or self.embedding_dropout
+            or self.weight_drop
+            or self.input_dropout
+            or self.output_dropout
+            or self.activation_reg
+            or self.temporal_activation_reg
         )
         if not arch.model_class.supports_layers and (self.num_layers != 1 or regularised or self.locked_dropout):
             raise ValueError(
                 f"{self.architecture} is a single hand-written layer: num_layers must be 1, dropout, "
-                f"embedding_dropout, weight_drop, input_dropout and output_dropout 0 and locked_dropout off "
-                f"(got {self.num_layers}, {self.dropout}, {self.embedding_dropout}, {self.weight_drop}, "
-                f"{self.input_dropout}, {self.output_dropout}, {self.locked_dropout})"
+                f"embedding_dropout, weight_drop, input_dropout, output_dropout, activation_reg and "
+                f"temporal_activation_reg 0 and locked_dropout off (got {self.num_layers}, {self.dropout}, "
+                f"{self.embedding_dropout}, {self.weight_drop}, {self.input_dropout}, {self.output_dropout}, "
+                f"{self.activation_reg}, {self.temporal_activation_reg}, {self.locked_dropout})"
             )
         return self
 

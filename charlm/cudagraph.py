@@ -57,6 +57,8 @@ class Steps(Protocol):
 
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, state: State) -> tuple[torch.Tensor, State]: ...
 
+    def objective(self, loss: torch.Tensor) -> torch.Tensor: ...
+
 
 class GraphedStep:
     """Callable like :meth:`Trainer.eager_step`: ``(inputs, targets) -> loss`` on the device."""
@@ -109,7 +111,7 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss, new_state = t.forward_loss(self.static_inputs, self.static_targets, self.static_state)
-            loss.backward()  # type: ignore[no-untyped-call]
+            t.objective(loss).backward()  # type: ignore[no-untyped-call]
             if clip is not None:
                 nn.utils.clip_grad_norm_(t.module.parameters(), clip)
             t.optimizer.step()

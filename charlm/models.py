@@ -43,6 +43,12 @@ class CharModel(nn.Module):
         """Drop what the model itself keeps of the last forward pass's autograd graph (none here):
         a CUDA graph's capture wants none of its eager warm-up steps' graphs alive."""
 
+    def take_penalty(self) -> torch.Tensor | None:
+        """The regularisation term the last training forward pass added to the objective (None
+        here), handed over once: the trainer adds it to the loss it differentiates, never to the
+        loss it reports."""
+        return None
+
 
 def map_state(state: State, fn: Callable[[torch.Tensor], torch.Tensor]) -> State:
     """Apply ``fn`` to each tensor of a hidden state (None, a tensor, or an LSTM's (h, c))."""
@@ -167,6 +173,12 @@ class _RecurrentModel(CharModel):
     layers apart, so the model then runs one single-layer RNN per layer (``self.layers``) in
     place of one stacked ``self.rnn``. ``input_dropout`` drops the embedding's outputs (AWD's
     ``dropouti``) and ``output_dropout`` the last layer's (AWD's ``dropout``; default: ``dropout``).
+
+    ``activation_reg`` and ``temporal_activation_reg`` are AWD-LSTM's AR and TAR (Merity et al.
+    2017, "Revisiting Activation Regularization for Language RNNs"; awd-lstm-lm's ``main.py``):
+    in training, the first times the mean square of the last layer's outputs *after* the output
+    dropout, the second times the mean square of their change from one time step to the next
+    *before* it. The sum waits in :meth:`take_penalty` for the trainer; the logits are untouched.
     """
 
     cell: ClassVar[Callable[..., nn.RNNBase]] = nn.RNN
@@ -184,10 +196,14 @@ class _RecurrentModel(CharModel):
         locked_dropout: bool = False,
         input_dropout: float = 0.0,
         output_dropout: float | None = None,
+        activation_reg: float = 0.0,
+        temporal_activation_reg: float = 0.0,
         **_: object,
     ) -> None:
         super().__init__()
         self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.activation_reg, self.temporal_activation_reg = activation_reg, temporal_activation_reg
+        self._penalty: torch.Tensor | None = None
         self.embedding_dropout, self.weight_drop = embedding_dropout, weight_drop
         self.locked_dropout, self.input_dropout, self.hidden_dropout = locked_dropout, input_dropout, dropout
         self.output_dropout = dropout if output_dropout is None else output_dropout
@@ -219,6 +235,11 @@ class _RecurrentModel(CharModel):
         graph (back to ``weight_hh_lK_raw``'s AccumulateGrad): put plain detached copies there."""
         for rnn, name in self._dropped_weights if self.weight_drop else ():
             setattr(rnn, name, getattr(rnn, f"{name}_raw").detach())
+        self._penalty = None
+
+    def take_penalty(self) -> torch.Tensor | None:
+        penalty, self._penalty = self._penalty, None
+        return penalty
 
     def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
         """Dropout on (B, T, F) activations: one mask per sequence with ``locked_dropout``."""
@@ -259,7 +280,20 @@ class _RecurrentModel(CharModel):
                 outputs, state = self.rnn(inputs, state)  # (B, T, H)
             else:
                 outputs, state = self._run_layers(inputs, state)
-        return self.output_layer(self._drop(outputs, self.output_dropout)), state  # (B, T, V)
+        dropped = self._drop(outputs, self.output_dropout)
+        if self.training and (self.activation_reg or self.temporal_activation_reg):
+            self._penalty = self._activation_penalty(outputs, dropped)
+        return self.output_layer(dropped), state  # (B, T, V)
+
+    def _activation_penalty(self, outputs: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """AR on the dropped last-layer outputs plus TAR on the undropped ones, (B, T, H), in fp32."""
+        penalty = outputs.new_zeros((), dtype=torch.float32)
+        if self.activation_reg:
+            penalty = penalty + self.activation_reg * dropped.float().pow(2).mean()
+        if self.temporal_activation_reg and outputs.shape[1] > 1:
+            steps = outputs.float().diff(dim=1)
+            penalty = penalty + self.temporal_activation_reg * steps.pow(2).mean()
+        return penalty
 
     def _run_layers(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """The stacked layers one at a time, locked dropout between them; the state as one stack."""
@@ -429,6 +463,8 @@ def build_model(
     locked_dropout: bool = False,
     input_dropout: float = 0.0,
     output_dropout: float | None = None,
+    activation_reg: float = 0.0,
+    temporal_activation_reg: float = 0.0,
 ) -> CharModel:
     arch = get_architecture(name)
     return arch.model_class(
@@ -442,6 +478,8 @@ def build_model(
         locked_dropout=locked_dropout,
         input_dropout=input_dropout,
         output_dropout=output_dropout,
+        activation_reg=activation_reg,
+        temporal_activation_reg=temporal_activation_reg,
     )
 
 

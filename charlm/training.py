@@ -402,7 +402,8 @@ class Trainer:
             def step(dtype: torch.dtype | None) -> None:
                 with autocast(self.device, dtype):
                     logits, _ = probe(inputs, None)
-                char_loss(logits.float(), targets).backward()  # type: ignore[no-untyped-call]
+                loss, penalty = char_loss(logits.float(), targets), probe.take_penalty()
+                (loss if penalty is None else loss + penalty).backward()  # type: ignore[no-untyped-call]
                 probe.zero_grad(set_to_none=True)
 
             _MEASURED[key] = measure_precisions(step)
@@ -528,6 +529,12 @@ class Trainer:
         logits, state = self.forward(inputs, state)
         return char_loss(logits, targets), state
 
+    def objective(self, loss: torch.Tensor) -> torch.Tensor:
+        """What a step differentiates: ``loss`` plus the penalty the model's forward pass left
+        (AWD's AR and TAR, when configured). The step still reports ``loss`` alone."""
+        penalty = self.module.take_penalty()
+        return loss if penalty is None else loss + penalty
+
     def eager_step(self, inputs: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
         module, optimizer, clip = self.module, self.optimizer, self.config.optim.grad_clip
         self.state = module.carry_state(self.state, inputs.shape[0], self.device)
@@ -542,7 +549,7 @@ class Trainer:
             log_probs = torch.log_softmax(logits, dim=-1)
             loss, reported = distill_loss(log_probs, targets, soft, self.config.distill.weight, PAD_INDEX)
         optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        self.scaler.scale(self.objective(loss)).backward()  # type: ignore[no-untyped-call]
         if clip is not None:
             self.scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(module.parameters(), clip)

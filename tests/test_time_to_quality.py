@@ -167,9 +167,62 @@ def test_embedding_dropout_drops_whole_characters():
     assert torch.equal(dropped[0], dropped[1])  # a dropped character is dropped wherever it occurs
 
 
-def test_hand_written_models_refuse_the_awd_dropouts():
+@pytest.mark.parametrize("setting", ["weight_drop", "activation_reg", "temporal_activation_reg"])
+def test_hand_written_models_refuse_the_awd_regularisers(setting):
     with pytest.raises(ValueError, match="char_loop is a single hand-written layer"):
-        tiny("char_loop").override({"model.weight_drop": 0.2})
+        tiny("char_loop").override({f"model.{setting}": 0.2})
+
+
+def _outputs_seen(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The last layer's outputs as the RNN returned them and as the output layer received them."""
+    seen: dict[str, torch.Tensor] = {}
+    model.rnn.register_forward_hook(lambda _m, _args, out: seen.update(raw=out[0]))
+    model.output_layer.register_forward_pre_hook(lambda _m, args: seen.update(dropped=args[0]))
+    return seen
+
+
+def test_activation_regularisation_is_awds_ar_on_dropped_and_tar_on_raw_outputs():
+    """AR: alpha × mean square of the outputs after the output dropout; TAR: beta × mean square of
+    their step-to-step change before it (awd-lstm-lm's main.py) — left for the trainer once."""
+    model = build_model(
+        "stateful_lstm", 30, embedding_dim=8, hidden_size=16, num_layers=2, dropout=0.5,
+        activation_reg=2.0, temporal_activation_reg=1.0,
+    )  # fmt: skip
+    seen = _outputs_seen(model)
+    torch.manual_seed(0)
+    model(torch.randint(2, 30, (4, 9)), None)
+    raw, dropped = seen["raw"], seen["dropped"]
+    assert not torch.equal(raw, dropped)  # the output dropout acted between the two
+    expected = 2.0 * dropped.pow(2).mean() + 1.0 * (raw[:, 1:] - raw[:, :-1]).pow(2).mean()
+    penalty = model.take_penalty()
+    assert penalty is not None and torch.allclose(penalty, expected)
+    assert penalty.requires_grad and model.take_penalty() is None  # handed over once
+    model.eval()(torch.randint(2, 30, (4, 9)), None)
+    assert model.take_penalty() is None  # evaluation adds nothing
+    plain = build_model("stateful_lstm", 30, embedding_dim=8, hidden_size=16)
+    plain(torch.randint(2, 30, (4, 9)), None)
+    assert plain.take_penalty() is None  # off by default
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_ar_and_tar_shape_the_step_but_not_the_reported_loss(small_text, locked):
+    """The step differentiates loss + penalty and reports the loss alone: from the same seed, a run
+    with AR and TAR reports the same first loss as one without, and ends with other weights."""
+    base = tiny("stateful_lstm").override({"model.num_layers": 2, "model.locked_dropout": locked})
+    corpus = prepare_for(base, small_text)
+    plain = Trainer(base.override({"precision": "fp32"}), corpus)
+    shaped = Trainer(
+        base.override({"precision": "fp32", "model.activation_reg": 2.0, "model.temporal_activation_reg": 1.0}), corpus
+    )
+    layout = plain.train_layout
+    inputs, targets = layout.batch(layout.plan(0, 0, shuffle=True)[0])
+    for trainer in (plain, shaped):
+        trainer.set_lr(trainer.schedule.lr(0.0))
+    first = [t.train_step(inputs, targets).item() for t in (plain, shaped)]
+    assert first[0] == pytest.approx(first[1], abs=1e-6)
+    assert shaped.module.take_penalty() is None  # the step took it
+    moved = [not torch.equal(a, b) for a, b in zip(plain.module.parameters(), shaped.module.parameters(), strict=True)]
+    assert any(moved)
 
 
 # --------------------------------------------------------------------------- precision
