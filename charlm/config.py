@@ -42,6 +42,11 @@ class ModelConfig(_Strict):
         ge=0.0,
         description="TAR: this times the mean square of the last layer's step-to-step output changes (AWD's beta)",
     )
+    proj_size: int = Field(
+        0,
+        ge=0,
+        description="LSTM only: each layer's output projected down to this size (nn.LSTM's proj_size, LSTMP); 0: none",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -63,6 +68,10 @@ class ModelConfig(_Strict):
                 f"{self.embedding_dropout}, {self.weight_drop}, {self.input_dropout}, {self.output_dropout}, "
                 f"{self.activation_reg}, {self.temporal_activation_reg}, {self.locked_dropout})"
             )
+        if self.proj_size and not arch.model_class.projects:
+            raise ValueError(f"proj_size is for an LSTM's layers; {self.architecture} has none")
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(f"proj_size {self.proj_size} must be below hidden_size {self.hidden_size}")
         return self
 
 

@@ -32,6 +32,7 @@ class CharModel(nn.Module):
     layout: ClassVar[str]  # "window", "sequence" or "stream" (see charlm.data)
     stateful: ClassVar[bool] = False
     supports_layers: ClassVar[bool] = False  # honours num_layers and dropout
+    projects: ClassVar[bool] = False  # honours proj_size (an LSTM's)
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
         return None
@@ -179,6 +180,10 @@ class _RecurrentModel(CharModel):
     in training, the first times the mean square of the last layer's outputs *after* the output
     dropout, the second times the mean square of their change from one time step to the next
     *before* it. The sum waits in :meth:`take_penalty` for the trainer; the logits are untouched.
+
+    ``proj_size`` (an LSTM's) is ``nn.LSTM``'s projection (LSTMP, Sak et al. 2014): each layer's
+    ``hidden_size`` cells are read out through a learned ``proj_size`` × ``hidden_size`` matrix, and
+    the recurrence and the next layer see the ``proj_size`` outputs — wide memory, cheap matrices.
     """
 
     cell: ClassVar[Callable[..., nn.RNNBase]] = nn.RNN
@@ -198,10 +203,13 @@ class _RecurrentModel(CharModel):
         output_dropout: float | None = None,
         activation_reg: float = 0.0,
         temporal_activation_reg: float = 0.0,
+        proj_size: int = 0,
         **_: object,
     ) -> None:
         super().__init__()
         self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.output_size = proj_size or hidden_size  # what each layer outputs, and its state h
+        projection = {"proj_size": proj_size} if proj_size else {}
         self.activation_reg, self.temporal_activation_reg = activation_reg, temporal_activation_reg
         self._penalty: torch.Tensor | None = None
         self.embedding_dropout, self.weight_drop = embedding_dropout, weight_drop
@@ -210,18 +218,22 @@ class _RecurrentModel(CharModel):
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.layers: nn.ModuleList | None = None
         if locked_dropout and num_layers > 1:  # variational dropout between the layers: one RNN per layer
-            sizes = [embedding_dim] + [hidden_size] * (num_layers - 1)
-            self.layers = nn.ModuleList(self.cell(size, hidden_size, 1, batch_first=True) for size in sizes)
+            sizes = [embedding_dim] + [self.output_size] * (num_layers - 1)
+            self.layers = nn.ModuleList(
+                self.cell(size, hidden_size, 1, batch_first=True, **projection) for size in sizes
+            )
         else:
             between = dropout if num_layers > 1 else 0.0
-            self.rnn = self.cell(embedding_dim, hidden_size, num_layers, batch_first=True, dropout=between)
+            self.rnn = self.cell(
+                embedding_dim, hidden_size, num_layers, batch_first=True, dropout=between, **projection
+            )
         if weight_drop:  # the raw matrices become ``weight_hh_lK_raw``; ``weight_hh_lK`` is set per forward
             for rnn, name in self._dropped_weights:
                 raw = rnn._parameters.pop(name)
                 assert raw is not None
                 rnn.register_parameter(f"{name}_raw", raw)
                 setattr(rnn, name, raw.detach())
-        self.output_layer = nn.Linear(hidden_size, vocab_size)
+        self.output_layer = nn.Linear(self.output_size, vocab_size)
 
     @property
     def _dropped_weights(self) -> list[tuple[nn.RNNBase, str]]:
@@ -252,7 +264,9 @@ class _RecurrentModel(CharModel):
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
         zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device)
-        return (zeros, zeros.clone()) if self.cell is nn.LSTM else zeros
+        if self.cell is not nn.LSTM:
+            return zeros
+        return torch.zeros(self.num_layers, batch_size, self.output_size, device=device), zeros  # (h, c)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         weight = self.embedding.weight
@@ -276,6 +290,8 @@ class _RecurrentModel(CharModel):
         inputs = self._drop(self.embed(tokens), self.input_dropout)  # (B, T, E)
         with warnings.catch_warnings():  # cuDNN: masked weights are not one contiguous chunk (by design)
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+            # proj_size on a CPU: torch's own LSTM kernel instead of oneDNN's (the README gives the cost)
+            warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
             if self.layers is None:
                 outputs, state = self.rnn(inputs, state)  # (B, T, H)
             else:
@@ -364,6 +380,7 @@ class CharSeqStatefulLstm(CharSeqStatefulRnn):
     before the output layer)."""
 
     cell = nn.LSTM
+    projects = True
 
 
 class CharSeqStatefulRnnCell(StatefulMixin, CharModel):
@@ -465,6 +482,7 @@ def build_model(
     output_dropout: float | None = None,
     activation_reg: float = 0.0,
     temporal_activation_reg: float = 0.0,
+    proj_size: int = 0,
 ) -> CharModel:
     arch = get_architecture(name)
     return arch.model_class(
@@ -480,6 +498,7 @@ def build_model(
         output_dropout=output_dropout,
         activation_reg=activation_reg,
         temporal_activation_reg=temporal_activation_reg,
+        proj_size=proj_size,
     )
 
 

@@ -25,6 +25,7 @@ from charlm.device import (
     measure_precisions,
     resolve_precision,
 )
+from charlm.generate import LoadedModel
 from charlm.job import TrainResult
 from charlm.models import build_model
 from charlm.prepared import prepare_for
@@ -202,6 +203,41 @@ def test_activation_regularisation_is_awds_ar_on_dropped_and_tar_on_raw_outputs(
     plain = build_model("stateful_lstm", 30, embedding_dim=8, hidden_size=16)
     plain(torch.randint(2, 30, (4, 9)), None)
     assert plain.take_penalty() is None  # off by default
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_a_projected_lstm_trains_carries_its_state_and_generates(small_text, tmp_path, locked):
+    """LSTMP (``model.proj_size``): h and the outputs have the projection's size, c the cells';
+    the stateful run carries both, resumes from its checkpoint and generates."""
+    config = tiny("stateful_lstm").override(
+        {"model.num_layers": 2, "model.hidden_size": 24, "model.proj_size": 8, "model.locked_dropout": locked,
+         "model.weight_drop": 0.3}
+    )  # fmt: skip
+    trainer = Trainer(config, prepare_for(config, small_text), checkpoint_dir=tmp_path)
+    h, c = trainer.module.init_state(3, CPU)
+    assert h.shape == (2, 3, 8) and c.shape == (2, 3, 24)
+    assert trainer.module.output_layer.in_features == 8
+    trainer.fit(max_steps=4)
+    h, c = trainer.state
+    assert h.shape[-1] == 8 and c.shape[-1] == 24
+    trainer.checkpoint()
+    resumed = Trainer.resume(tmp_path / "last.pt", prepare_for(config, small_text))
+    assert resumed.evaluate()["val_loss"] == pytest.approx(trainer.evaluate()["val_loss"])
+    text = LoadedModel.from_checkpoint(tmp_path / "last.pt", device="cpu").generate("the ", 20, seed=0)
+    assert len(text) == 20
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"model.proj_size": 8}, "proj_size is for an LSTM's layers; stateful_gru has none"),
+        ({"model.proj_size": 64, "model.hidden_size": 64}, "proj_size 64 must be below hidden_size 64"),
+    ],
+)
+def test_proj_size_is_refused_where_it_cannot_apply(overrides, message):
+    architecture = "stateful_gru" if len(overrides) == 1 else "stateful_lstm"
+    with pytest.raises(ValueError, match=message):
+        tiny(architecture).override(overrides)
 
 
 @pytest.mark.parametrize("locked", [False, True])
