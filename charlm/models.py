@@ -290,7 +290,7 @@ class _RecurrentModel(CharModel):
         inputs = self._drop(self.embed(tokens), self.input_dropout)  # (B, T, E)
         with warnings.catch_warnings():  # cuDNN: masked weights are not one contiguous chunk (by design)
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
-            # proj_size on a CPU: torch's own LSTM kernel instead of oneDNN's (the README gives the cost)
+            # proj_size on a CPU: torch's own LSTM kernel instead of oneDNN's (as the README says)
             warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
             if self.layers is None:
                 outputs, state = self.rnn(inputs, state)  # (B, T, H)
