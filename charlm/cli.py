@@ -174,6 +174,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
     if args.json:
         _print_json(result.model_dump(exclude={"run_id", "snapshot_model_ids", "best_model_id"}))
+    elif result.best_epoch < 0:  # stopped before the first epoch's validation: there is no best yet
+        print(f"no epoch finished, so no validation loss yet; {result.wall_time_s:.1f}s; checkpoints in {out}")
     else:
         print(
             f"best val loss {result.best_val_loss:.4f} nats/char at epoch {result.best_epoch}; "
@@ -317,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="notebook: its settings; notebook_full: its stateful_lstm trained through all three of its fits "
             "(80 epochs); tiny: seconds on a CPU; awd_sgdr (quality), short_sgdr (the notebook GRU's "
             "figure soonest): beyond the notebook, stateful models only; wide_awd_sgdr: awd_sgdr's LSTM at 2 x 1024, "
-            "for a GPU (default: notebook)",
+            "for a GPU; awd_ar_sgdr: awd_sgdr's LSTM with AWD-LSTM's activation regularisation (default: notebook)",
         )
         p.add_argument(
             "--set",

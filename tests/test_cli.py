@@ -75,6 +75,8 @@ def test_stop_and_resume_from_the_cli(corpus_file, tmp_path, capsys):
     )
     hint = capsys.readouterr().out
     assert f"resume with: charlm train --resume {out / 'last.pt'}" in hint and f"--out {out}" in hint
+    # seven steps end inside the first epoch: no validation ran, and the summary says so rather than "inf at epoch -1"
+    assert "no epoch finished, so no validation loss yet" in hint and "inf" not in hint
     again = tmp_path / "again"  # the same stop, resumed with the epoch table: its first line says from where
     shutil.copytree(out, again)
     args = ["train", "--resume", str(again / "last.pt"), "--corpus", str(corpus_file), "--out", str(again)]
