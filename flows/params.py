@@ -37,11 +37,13 @@ class PipelineParams(BaseModel):
     architectures: list[str] = option(
         lambda: list(ARCHITECTURES), "architectures to train (default: all ten)", flag="--arch", min_length=1
     )
-    preset_name: Literal["notebook", "notebook_full", "tiny", "awd_sgdr", "short_sgdr", "wide_awd_sgdr"] = option(
+    preset_name: Literal[
+        "notebook", "notebook_full", "tiny", "awd_sgdr", "short_sgdr", "wide_awd_sgdr", "awd_ar_sgdr"
+    ] = option(
         "notebook",
         "settings preset of every architecture (awd_sgdr, short_sgdr: the stateful ones only, beyond the notebook; "
         "notebook_full: the notebook's 80-epoch stateful_lstm training; wide_awd_sgdr: awd_sgdr's stateful_lstm at "
-        "2 x 1024, for a GPU)",
+        "2 x 1024, for a GPU; awd_ar_sgdr: awd_sgdr's stateful_lstm with AWD-LSTM's activation regularisation)",
         flag="--preset",
     )
     overrides: dict[str, dict[str, Any]] = option(

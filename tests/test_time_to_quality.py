@@ -541,6 +541,13 @@ def test_the_presets_beyond_the_notebook_keep_its_task():
     assert wide.model_copy(update={"model": lstm.model}) == lstm
     with pytest.raises(ValueError, match="made wide, not stateful_gru"):
         preset("wide_awd_sgdr", "stateful_gru")
+    regularised = preset("awd_ar_sgdr", "stateful_lstm")  # awd_sgdr's recipe plus AR 2 and TAR 1, nothing else
+    assert (regularised.model.activation_reg, regularised.model.temporal_activation_reg) == (2.0, 1.0)
+    assert lstm.model.activation_reg == lstm.model.temporal_activation_reg == 0
+    plain = regularised.model.model_copy(update={"activation_reg": 0.0, "temporal_activation_reg": 0.0})
+    assert regularised.model_copy(update={"model": plain}) == lstm
+    with pytest.raises(ValueError, match="with AR and TAR, not stateful_gru"):
+        preset("awd_ar_sgdr", "stateful_gru")
     # the pipeline's --preset offers every preset the library has
     assert set(get_args(PipelineParams.model_fields["preset_name"].annotation)) == set(PRESETS)
 
