@@ -205,7 +205,7 @@ def lstm_summary(
     args: argparse.Namespace, name: str, overrides: list[str], runs: list[dict[str, Any]]
 ) -> dict[str, Any]:
     where = " in parallel, 1 thread each" if args.parallel else ""
-    plus = " + " + " ".join(overrides) if overrides else ""
+    plus = " + " + " ".join([*args.set, *overrides]) if [*args.set, *overrides] else ""
     print(f"\nstateful_lstm {args.lstm_preset}{plus} ({name}), seeds {args.seeds}{where}")
     for r in runs:
         times = ", ".join(f"{k} at {v / 60:.1f} min" for k, v in r["time_to"].items()) or "no target reached"
@@ -304,6 +304,19 @@ def snapshots_dir(args: argparse.Namespace, seed: int, name: str) -> str | None:
     return str(Path(args.workdir) / f"lstm-seed{seed}{suffix}-snapshots") if args.snapshots else None
 
 
+def run_label(run: dict[str, Any]) -> str:
+    """A run's name in the plot: its variant (or preset), architecture and seed, and the settings
+    it was trained with beyond them (``--set`` and a variant's overrides), keys shortened to their
+    last part — so a run with AR and TAR is not drawn as the preset itself."""
+    settings = []
+    for override in run.get("overrides", []):
+        key, _, value = override.partition("=")
+        setting = f"{key.rsplit('.', 1)[-1]}={value}"
+        settings.append(setting if len(setting) <= 40 else setting[:37] + "...")
+    extra = f" ({', '.join(settings)})" if settings else ""
+    return f"{run['variant']} {run['architecture']} seed {run['seed']}{extra}"
+
+
 def plot(runs: list[dict[str, Any]], path: str) -> None:
     import matplotlib
 
@@ -317,7 +330,7 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
             [h["val_loss"] for h in r["history"]],
             marker="o",
             markersize=3,
-            label=f"{r['preset']} {r['architecture']} seed {r['seed']}",
+            label=run_label(r),
         )
     for target in (GRU_TARGET, LSTM_TARGET):
         ax.axhline(target, color="grey", linestyle=":", linewidth=0.8)

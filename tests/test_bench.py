@@ -94,6 +94,23 @@ def test_time_to_quality_runs_both_parts(corpus_file: Path, tmp_path: Path) -> N
     parts = json.loads(report.read_text())
     assert {r["preset"] for r in parts["gru"]["runs"]} == {"notebook", "short_sgdr"}
     assert parts["lstm"]["runs"][0]["snapshot_candidates"], "no snapshot ensemble was evaluated"
+    # the LSTM summary names the settings it ran with, so a run with overrides is not read as the preset's
+    assert "stateful_lstm awd_sgdr + model.hidden_size=8 schedule=" in out, out
+
+
+def test_the_plot_names_the_settings_a_run_had_beyond_its_preset() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "bench" / "time_to_quality.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = {"variant": "awd_sgdr", "architecture": "stateful_lstm", "seed": 1, "overrides": []}
+    assert module.run_label(run) == "awd_sgdr stateful_lstm seed 1"
+    run["overrides"] = ["model.activation_reg=2", "model.dropout=0.5", f"schedule={SHORT}"]
+    assert module.run_label(run) == (
+        'awd_sgdr stateful_lstm seed 1 (activation_reg=2, dropout=0.5, schedule=[{"kind":"constant","lr":0.0...)'
+    )
 
 
 def test_time_to_quality_compares_a_variant_side_by_side(corpus_file: Path, tmp_path: Path) -> None:
