@@ -205,7 +205,8 @@ def lstm_summary(
     args: argparse.Namespace, name: str, overrides: list[str], runs: list[dict[str, Any]]
 ) -> dict[str, Any]:
     where = " in parallel, 1 thread each" if args.parallel else ""
-    plus = " + " + " ".join([*args.set, *overrides]) if [*args.set, *overrides] else ""
+    settings = [*args.set, *overrides]
+    plus = " + " + " ".join(settings) if settings else ""
     print(f"\nstateful_lstm {args.lstm_preset}{plus} ({name}), seeds {args.seeds}{where}")
     for r in runs:
         times = ", ".join(f"{k} at {v / 60:.1f} min" for k, v in r["time_to"].items()) or "no target reached"
