@@ -113,6 +113,22 @@ def test_the_plot_names_the_settings_a_run_had_beyond_its_preset() -> None:
     )
 
 
+def test_the_plot_names_the_notebooks_figures_it_draws_across(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "bench" / "time_to_quality.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    history = [{"elapsed_s": 60.0 * i, "val_loss": loss} for i, loss in enumerate((1.5, 1.35, 1.26, 1.24), 1)]
+    run = {"variant": "awd_ar_sgdr", "architecture": "stateful_lstm", "seed": 0, "overrides": [], "history": history}
+    fig = module.plot([run], str(tmp_path / "plot.png"))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["notebook's GRU 1.3697", "notebook's best LSTM 1.2524"]
+    assert ax.get_lines()[0].get_label() == "awd_ar_sgdr stateful_lstm seed 0"
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
 def test_time_to_quality_compares_a_variant_side_by_side(corpus_file: Path, tmp_path: Path) -> None:
     args = ["--corpus", str(corpus_file), "--seeds", "0", "1", "--lstm-only", "--parallel", "--workdir", str(tmp_path)]
     out = bench(
