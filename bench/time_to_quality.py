@@ -326,6 +326,8 @@ def plot(runs: list[dict[str, Any]], path: str) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from charlm.compare import mark_targets
+
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     for r in runs:
         ax.plot(
@@ -335,12 +337,8 @@ def plot(runs: list[dict[str, Any]], path: str) -> Any:
             markersize=3,
             label=run_label(r),
         )
-    for target, name in ((GRU_TARGET, "notebook's GRU"), (LSTM_TARGET, "notebook's best LSTM")):
-        ax.axhline(target, color="grey", linestyle=":", linewidth=0.8)
-        ax.annotate(
-            f"{name} {target:g}", (0.995, target), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-            fontsize=7, color="grey",
-        )  # fmt: skip
+    targets = ((GRU_TARGET, "notebook's GRU"), (LSTM_TARGET, "notebook's best LSTM"))
+    mark_targets(ax, [(target, f"{name} {target:g}") for target, name in targets], linewidth=0.8)
     ax.set_xlabel("wall-clock minutes (validation included)")
     ax.set_ylabel("validation loss (nats/char)")
     ax.set_ylim(top=1.6)

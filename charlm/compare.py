@@ -144,6 +144,16 @@ def target_reached(result: TrainResult) -> str:
     return f"≤{target} at {reached[target]:,.0f} s"
 
 
+def mark_targets(ax: Any, targets: Sequence[tuple[float, str]], linewidth: float = 0.6) -> None:
+    """A dotted grey line across ``ax`` at each target loss, named at its right end."""
+    for target, name in targets:
+        ax.axhline(target, color="grey", linewidth=linewidth, linestyle=":")
+        ax.annotate(
+            name, (0.995, target), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+            fontsize=7, color="grey",
+        )  # fmt: skip
+
+
 def plot_loss_against_time(results: Sequence[TrainResult], path: str | os.PathLike[str], title: str = "") -> Path:
     """Validation loss against wall-clock seconds, one line per architecture, with the quality
     targets drawn across: which architecture gets good soonest, not only which ends best."""
@@ -160,13 +170,7 @@ def plot_loss_against_time(results: Sequence[TrainResult], path: str | os.PathLi
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, label=f"{r.name or r.architecture} ({r.task})")
     low, high = ax.get_ylim()
-    for target in QUALITY_TARGETS:
-        if low <= target <= high:
-            ax.axhline(target, color="grey", linewidth=0.6, linestyle=":")
-            ax.annotate(
-                f"{target:g}", (0.995, target), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                fontsize=7, color="grey",
-            )  # fmt: skip
+    mark_targets(ax, [(target, f"{target:g}") for target in QUALITY_TARGETS if low <= target <= high])
     ax.set_xlabel("wall-clock seconds (validation included)")
     return _save(fig, ax, f"validation loss against time{' — ' + title if title else ''}", path)
 

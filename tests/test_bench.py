@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,13 +99,19 @@ def test_time_to_quality_runs_both_parts(corpus_file: Path, tmp_path: Path) -> N
     assert "stateful_lstm awd_sgdr + model.hidden_size=8 schedule=" in out, out
 
 
-def test_the_plot_names_the_settings_a_run_had_beyond_its_preset() -> None:
+def time_to_quality_module() -> Any:
+    """bench/time_to_quality.py imported as a module (bench/ is scripts, not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "bench" / "time_to_quality.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_the_plot_names_the_settings_a_run_had_beyond_its_preset() -> None:
+    module = time_to_quality_module()
     run = {"variant": "awd_sgdr", "architecture": "stateful_lstm", "seed": 1, "overrides": []}
     assert module.run_label(run) == "awd_sgdr stateful_lstm seed 1"
     run["overrides"] = ["model.activation_reg=2", "model.dropout=0.5", f"schedule={SHORT}"]
@@ -114,12 +121,7 @@ def test_the_plot_names_the_settings_a_run_had_beyond_its_preset() -> None:
 
 
 def test_the_plot_names_the_notebooks_figures_it_draws_across(tmp_path: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "bench" / "time_to_quality.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = time_to_quality_module()
     history = [{"elapsed_s": 60.0 * i, "val_loss": loss} for i, loss in enumerate((1.5, 1.35, 1.26, 1.24), 1)]
     run = {"variant": "awd_ar_sgdr", "architecture": "stateful_lstm", "seed": 0, "overrides": [], "history": history}
     fig = module.plot([run], str(tmp_path / "plot.png"))
