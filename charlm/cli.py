@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="notebook: its settings; notebook_full: its stateful_lstm trained through all three of its fits "
             "(80 epochs); tiny: seconds on a CPU; awd_sgdr (quality), short_sgdr (the notebook GRU's "
             "figure soonest): beyond the notebook, stateful models only; wide_awd_sgdr: awd_sgdr's LSTM at 2 x 1024, "
-            "for a GPU; awd_ar_sgdr: awd_sgdr's LSTM with AWD-LSTM's activation regularisation (default: notebook)",
+            "for a GPU; awd_ar_sgdr: awd_sgdr's LSTM with AWD-LSTM's activation regularisation; awd_ar_sgdr_batch64: "
+            "awd_ar_sgdr on 64 columns at sqrt(2) the rate (default: notebook)",
         )
         p.add_argument(
             "--set",

@@ -38,12 +38,20 @@ class PipelineParams(BaseModel):
         lambda: list(ARCHITECTURES), "architectures to train (default: all ten)", flag="--arch", min_length=1
     )
     preset_name: Literal[
-        "notebook", "notebook_full", "tiny", "awd_sgdr", "short_sgdr", "wide_awd_sgdr", "awd_ar_sgdr"
+        "notebook",
+        "notebook_full",
+        "tiny",
+        "awd_sgdr",
+        "short_sgdr",
+        "wide_awd_sgdr",
+        "awd_ar_sgdr",
+        "awd_ar_sgdr_batch64",
     ] = option(
         "notebook",
         "settings preset of every architecture (awd_sgdr, short_sgdr: the stateful ones only, beyond the notebook; "
         "notebook_full: the notebook's 80-epoch stateful_lstm training; wide_awd_sgdr: awd_sgdr's stateful_lstm at "
-        "2 x 1024, for a GPU; awd_ar_sgdr: awd_sgdr's stateful_lstm with AWD-LSTM's activation regularisation)",
+        "2 x 1024, for a GPU; awd_ar_sgdr: awd_sgdr's stateful_lstm with AWD-LSTM's activation regularisation; "
+        "awd_ar_sgdr_batch64: awd_ar_sgdr on 64 columns at sqrt(2) the rate)",
         flag="--preset",
     )
     overrides: dict[str, dict[str, Any]] = option(

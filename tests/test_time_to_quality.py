@@ -548,6 +548,21 @@ def test_the_presets_beyond_the_notebook_keep_its_task():
     assert regularised.model_copy(update={"model": plain}) == lstm
     with pytest.raises(ValueError, match="with AR and TAR, not stateful_gru"):
         preset("awd_ar_sgdr", "stateful_gru")
+    batch64 = preset("awd_ar_sgdr_batch64", "stateful_lstm")  # twice the columns, sqrt(2) the rate, nothing else
+    assert batch64.data.batch_size == 2 * regularised.data.batch_size == 64
+    assert [(p.kind, p.lr) for p in batch64.schedule] == [("constant", 4.24e-3), ("sgdr", 4.24e-3)]
+    assert abs(batch64.schedule[0].lr / regularised.schedule[0].lr - 2**0.5) < 1e-3
+    assert batch64.epochs == regularised.epochs == 64
+    unscaled = batch64.model_copy(update={"data": regularised.data, "schedule": regularised.schedule})
+    assert unscaled == regularised
+    measured = [  # the README's command for it before it was a preset: the same config
+        "data.batch_size=64",
+        'schedule=[{"kind":"constant","lr":0.00424,"epochs":1},'
+        '{"kind":"sgdr","lr":0.00424,"cycles":6,"cycle_len":1,"cycle_mult":2}]',
+    ]
+    assert regularised.override(measured) == batch64
+    with pytest.raises(ValueError, match="on 64 columns, not stateful_gru"):
+        preset("awd_ar_sgdr_batch64", "stateful_gru")
     # the pipeline's --preset offers every preset the library has
     assert set(get_args(PipelineParams.model_fields["preset_name"].annotation)) == set(PRESETS)
 
