@@ -525,7 +525,7 @@ def awd_ar_sgdr_batch64(architecture: str) -> RunConfig:
     return base.model_copy(
         update={
             "data": base.data.model_copy(update={"batch_size": 64}),
-            "schedule": (Phase.constant(lr, 1), Phase.sgdr(lr, cycles=6, cycle_len=1, cycle_mult=2)),
+            "schedule": tuple(phase.model_copy(update={"lr": lr}) for phase in base.schedule),
         }
     )
 
